@@ -1,0 +1,1 @@
+"""mlfe control plane: pure scaling deciders, the supervised control loop, and actuators."""

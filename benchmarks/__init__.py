@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of mlfe, measured side by side with nginx (see benchmarks/README.md)."""

@@ -1,0 +1,597 @@
+"""What one proxy hop costs: wrk straight to a trivial replica, through nginx, and through mlfe.
+
+    python -m benchmarks.overhead [--rounds 3] [--duration 5] [--quick]
+
+Upstream kinds (the replica that answers `{"result":[1]}`):
+- `nginx`:  nginx `return 200` — the fastest possible replica;
+- `python`: `mlfe score-server --entry-script examples/echo/score.py` (aiohttp, no-op run()).
+
+Paths to it, all on 127.0.0.1: `direct` (wrk → replica), `nginx` (`proxy_pass`, 1 worker,
+upstream keep-alive 256, HTTP/1.1) and `mlfe` (`mlfe serve`, service `bench` with the replica as
+its static upstream, key auth on). wrk POSTs a 44-byte JSON body (benchmarks/wrk/post.lua) to
+`/api/v1/service/bench/score` with `Authorization: Bearer <key>` — the same request on every path;
+the proxies send it to the replica's `/score`, and `direct` asks for `/score` itself.
+
+Paths are interleaved (A B C A B C) at each concurrency in every round; the tables show medians.
+Proxy CPU is utime + stime from /proc before and after each run: nginx's worker, mlfe's serve
+process. Tables go to stdout, progress to stderr, every raw run to
+benchmarks/results/overhead-<timestamp>.json. Exit status 1 if any run had errors (non-2xx
+responses or socket errors): such a run is flagged and left out of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.common import (
+    CLK_TCK,
+    REPO,
+    RESULTS_DIR,
+    BenchmarkError,
+    Child,
+    Processes,
+    WrkResult,
+    accepts_connections,
+    answers_200,
+    cpu_seconds_total,
+    find_nginx,
+    find_wrk,
+    fmt_num,
+    free_port,
+    http_request,
+    interrupt_on_signals,
+    lua_body,
+    machine_busy,
+    machine_info,
+    markdown_table,
+    median,
+    nginx_proxy,
+    nginx_return_location,
+    nginx_worker_pids,
+    reaped_children_cpu_s,
+    render_nginx_conf,
+    run_wrk,
+    start_nginx,
+    wait_until,
+    write_json,
+)
+
+SERVICE = "bench"
+SCORE_PATH = f"/api/v1/service/{SERVICE}/score"
+REPLICA_PATH = "/score"
+# A fixed 43-character key (the length of azureml's keys: 32 random bytes, base64url).
+KEY = "mlfeBenchKey_0123456789abcdefghijklmnopqrst"
+AUTH_HEADER = f"Authorization: Bearer {KEY}"
+ANSWER = '{"result":[1]}'
+ECHO_SCRIPT = REPO / "examples" / "echo" / "score.py"
+
+UPSTREAM_KINDS = {
+    "nginx": "nginx `return 200` (the fastest possible replica)",
+    "python": "mlfe score-server, examples/echo/score.py (aiohttp, no-op run())",
+}
+PATHS = ("direct", "nginx", "mlfe")
+ISSUE_TARGET = 0.6  # one mlfe worker at c=32, x nginx's proxied req/s
+FOUNDATION_TARGET = 0.5
+TARGET_CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int
+    duration_s: int
+    warmup_s: int
+    concurrencies: tuple[int, ...]
+    upstreams: tuple[str, ...]
+    results_dir: Path
+    quick: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
+            "concurrencies": list(self.concurrencies),
+            "upstreams": list(self.upstreams),
+            "quick": self.quick,
+            "threads": {str(c): threads_for(c) for c in self.concurrencies},
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    """One way to the replica: where wrk sends the request, and whose CPU is the proxy's."""
+
+    path: str  # "direct", "nginx" or "mlfe"
+    port: int
+    url_path: str
+    proxy_pids: Callable[[], list[int]] | None
+
+
+@dataclass
+class Run:
+    upstream: str
+    path: str
+    concurrency: int
+    threads: int
+    round: int
+    result: WrkResult
+    proxy_cpu_s: float | None
+    upstream_cpu_s: float
+    wrk_cpu_s: float
+    machine_busy_s: float  # all CPUs, everyone's processes
+    machine_cpu_s: float  # all CPUs' time that passed (busy or not)
+    others_cpu_s: float  # busy time not spent by wrk, the proxy or the replica
+
+    @property
+    def proxy_cpu_ms_per_1k(self) -> float | None:
+        if self.proxy_cpu_s is None or self.result.requests == 0:
+            return None
+        return self.proxy_cpu_s * 1e3 / (self.result.requests / 1e3)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "upstream": self.upstream,
+            "path": self.path,
+            "concurrency": self.concurrency,
+            "threads": self.threads,
+            "round": self.round,
+            **self.result.to_json(),
+            "proxy_cpu_s": self.proxy_cpu_s,
+            "proxy_cpu_ms_per_1k": self.proxy_cpu_ms_per_1k,
+            "upstream_cpu_s": self.upstream_cpu_s,
+            "wrk_cpu_s": self.wrk_cpu_s,
+            "machine_busy_s": self.machine_busy_s,
+            "machine_cpu_s": self.machine_cpu_s,
+            "others_cpu_s": self.others_cpu_s,
+        }
+
+
+def threads_for(concurrency: int) -> int:
+    return 1 if concurrency == 1 else 2
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- starting the pieces -----------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def mlfe_argv(*args: str) -> list[str]:
+    """`mlfe ...` with this interpreter (the venv's), independent of PATH."""
+    return [sys.executable, "-m", "deploy.cli", *args]
+
+
+def start_upstream(
+    kind: str, procs: Processes, nginx: str, tmp: Path
+) -> tuple[Child, int, Callable[[], list[int]]]:
+    port = free_port()
+    if kind == "nginx":
+        conf = render_nginx_conf(
+            tmp / "upstream-nginx", listen_port=port, location=nginx_return_location(ANSWER)
+        )
+        child = start_nginx(
+            procs, "upstream-nginx", nginx, tmp / "upstream-nginx", conf, tmp_root=tmp
+        )
+        wait_until(answers_200(port, "/"), "the upstream nginx to answer", [child])
+        workers = nginx_worker_pids(child)
+        return child, port, lambda: workers
+    if kind == "python":
+        child = procs.start(
+            "upstream-score-server",
+            mlfe_argv(
+                "score-server", "--entry-script", str(ECHO_SCRIPT),
+                "--host", "127.0.0.1", "--port", str(port),
+            ),
+            env=child_env(),
+        )
+        wait_until(answers_200(port, "/"), "the score server to report healthy", [child])
+        return child, port, lambda: [child.pid]
+    raise ValueError(kind)
+
+
+def mlfe_config(tmp: Path, listen_port: int, upstream_port: int) -> dict[str, Any]:
+    return {
+        "router": {
+            "listen": f"127.0.0.1:{listen_port}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+            "state_dir": str(tmp / "mlfe-state"),
+            # One router worker: no router self-scaling (what the target is stated for).
+            "cluster_purpose": "DevTest",
+        },
+        "services": {
+            SERVICE: {
+                "upstreams": [f"127.0.0.1:{upstream_port}"],
+                "auth_enabled": True,
+                "primary_key": KEY,
+                # High enough never to queue: the point is the hop's overhead, not admission.
+                "replica_max_concurrent_requests": 1024,
+                "max_queue_length": 100_000,
+            }
+        },
+    }
+
+
+def start_targets(
+    kind: str, procs: Processes, nginx: str, tmp: Path, upstream_port: int
+) -> list[Target]:
+    direct = Target("direct", upstream_port, REPLICA_PATH, None)
+
+    proxy_port = free_port()
+    http_extra, location = nginx_proxy(f"127.0.0.1:{upstream_port}", rewrite_to=REPLICA_PATH)
+    conf = render_nginx_conf(
+        tmp / "proxy-nginx", listen_port=proxy_port, location=location, http_extra=http_extra
+    )
+    proxy = start_nginx(procs, "proxy-nginx", nginx, tmp / "proxy-nginx", conf, tmp_root=tmp)
+    # Connections only: check_answer then checks what it answers.
+    wait_until(accepts_connections(proxy_port), "the proxy nginx to accept connections", [proxy])
+    nginx_workers = nginx_worker_pids(proxy)
+
+    mlfe_port = free_port()
+    cfg_path = tmp / f"mlfe-{kind}.yaml"
+    cfg_path.write_text(yaml.safe_dump(mlfe_config(tmp, mlfe_port, upstream_port)))
+    router = procs.start("mlfe-serve", mlfe_argv("serve", "--config", str(cfg_path)),
+                         env=child_env())
+    wait_until(answers_200(mlfe_port, "/-/healthy"), "mlfe serve: GET /-/healthy", [router])
+
+    return [
+        direct,
+        Target("nginx", proxy_port, SCORE_PATH, lambda: nginx_workers),
+        Target("mlfe", mlfe_port, SCORE_PATH, lambda: [router.pid]),
+    ]
+
+
+def check_answer(target: Target, body: bytes, children: Sequence[Child]) -> None:
+    """The request wrk will send must be answered 200 with the replica's answer."""
+    reply = http_request(
+        target.port,
+        "POST",
+        target.url_path,
+        body=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    if reply is None or reply.status != 200 or reply.body.strip() != ANSWER.encode():
+        got = "no answer" if reply is None else f"{reply.status} {reply.body[:300]!r}"
+        logs = "\n".join(c.describe() for c in children)
+        raise BenchmarkError(
+            f"{target.path}: POST {target.url_path} should answer 200 {ANSWER}, got {got}\n{logs}"
+        )
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def measure(
+    wrk: str,
+    target: Target,
+    *,
+    kind: str,
+    concurrency: int,
+    duration_s: int,
+    round_no: int,
+    upstream_pids: Callable[[], list[int]],
+) -> Run:
+    proxy_pids = target.proxy_pids() if target.proxy_pids else []
+    up_pids = upstream_pids()
+    busy_before, total_before = machine_busy()
+    wrk_before = reaped_children_cpu_s()
+    proxy_before = cpu_seconds_total(proxy_pids)
+    up_before = cpu_seconds_total(up_pids)
+    result, _ = run_wrk(
+        wrk,
+        f"http://127.0.0.1:{target.port}{target.url_path}",
+        connections=concurrency,
+        threads=threads_for(concurrency),
+        duration_s=duration_s,
+        headers=[AUTH_HEADER],
+    )
+    proxy_cpu = cpu_seconds_total(proxy_pids) - proxy_before
+    up_cpu = cpu_seconds_total(up_pids) - up_before
+    wrk_cpu = reaped_children_cpu_s() - wrk_before
+    busy_after, total_after = machine_busy()
+    # What the rest of the machine used meanwhile (other users' load is noise in the numbers).
+    others = (busy_after - busy_before) / CLK_TCK - wrk_cpu - proxy_cpu - up_cpu
+    return Run(
+        kind, target.path, concurrency, threads_for(concurrency), round_no, result,
+        proxy_cpu if target.proxy_pids else None, up_cpu, wrk_cpu,
+        machine_busy_s=(busy_after - busy_before) / CLK_TCK,
+        machine_cpu_s=(total_after - total_before) / CLK_TCK,
+        others_cpu_s=max(others, 0.0),
+    )
+
+
+def progress(run: Run, settings: Settings) -> str:
+    r = run.result
+    line = (
+        f"[{run.upstream}] round {run.round}/{settings.rounds} c={run.concurrency:<3} "
+        f"{run.path:<6} {fmt_num(r.rps):>9} req/s  p50 {fmt_num(r.percentiles_ms.get('50'), 3)}"
+        f" ms  p99 {fmt_num(r.percentiles_ms.get('99'), 3)} ms"
+    )
+    if run.proxy_cpu_ms_per_1k is not None:
+        line += f"  cpu {fmt_num(run.proxy_cpu_ms_per_1k, 1)} ms/1k"
+    line += f"  others {others_load(run):.0%} of a core"
+    if not r.valid:
+        line += f"  INVALID: {r.error_summary()}"
+    return line
+
+
+def others_load(run: Run) -> float:
+    """Cores' worth of CPU that processes not in the measurement used during the run."""
+    return run.others_cpu_s / run.result.duration_s if run.result.duration_s else 0.0
+
+
+def bench_upstream(
+    kind: str, settings: Settings, nginx: str, wrk: str, tmp: Path, body: bytes
+) -> list[Run]:
+    runs: list[Run] = []
+    with Processes(tmp) as procs:
+        log(f"[{kind}] starting {UPSTREAM_KINDS[kind]}, nginx proxy and mlfe serve")
+        _, upstream_port, upstream_pids = start_upstream(kind, procs, nginx, tmp)
+        targets = start_targets(kind, procs, nginx, tmp, upstream_port)
+        for target in targets:
+            check_answer(target, body, procs.children)
+        if settings.warmup_s > 0:
+            for target in targets:
+                run_wrk(
+                    wrk,
+                    f"http://127.0.0.1:{target.port}{target.url_path}",
+                    connections=max(settings.concurrencies),
+                    threads=threads_for(max(settings.concurrencies)),
+                    duration_s=settings.warmup_s,
+                    headers=[AUTH_HEADER],
+                    latency=False,
+                )
+        for round_no in range(1, settings.rounds + 1):
+            for concurrency in settings.concurrencies:
+                for target in targets:
+                    run = measure(
+                        wrk, target, kind=kind, concurrency=concurrency,
+                        duration_s=settings.duration_s, round_no=round_no,
+                        upstream_pids=upstream_pids,
+                    )
+                    runs.append(run)
+                    log(progress(run, settings))
+        for child in list(procs.children):
+            if not child.alive():
+                raise BenchmarkError(f"{child.name} died during the runs\n{child.describe()}")
+    return runs
+
+
+# --- summarising -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    upstream: str
+    path: str
+    concurrency: int
+    runs: int
+    invalid: list[str]
+    rps: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    cpu_ms_per_1k: float | None
+    x_nginx: float | None = None
+    added_p50_ms: float | None = None
+    added_p99_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def summarise(runs: Sequence[Run], settings: Settings) -> list[Row]:
+    rows: list[Row] = []
+    for kind in settings.upstreams:
+        for c in settings.concurrencies:
+            group: dict[str, Row] = {}
+            for path in PATHS:
+                mine = [r for r in runs if (r.upstream, r.path, r.concurrency) == (kind, path, c)]
+                if not mine:
+                    continue
+                ok = [r for r in mine if r.result.valid]
+                cpu = [r.proxy_cpu_ms_per_1k for r in ok if r.proxy_cpu_ms_per_1k is not None]
+                group[path] = Row(
+                    upstream=kind,
+                    path=path,
+                    concurrency=c,
+                    runs=len(mine),
+                    invalid=[f"round {r.round}: {r.result.error_summary()}"
+                             for r in mine if not r.result.valid],
+                    rps=median(r.result.rps for r in ok),
+                    p50_ms=median(r.result.percentiles_ms["50"] for r in ok),
+                    p99_ms=median(r.result.percentiles_ms["99"] for r in ok),
+                    cpu_ms_per_1k=median(cpu),
+                )
+            nginx_row, direct = group.get("nginx"), group.get("direct")
+            for row in group.values():
+                if nginx_row and nginx_row.rps and row.rps is not None:
+                    row.x_nginx = row.rps / nginx_row.rps
+                if row.path != "direct" and direct:
+                    if row.p50_ms is not None and direct.p50_ms is not None:
+                        row.added_p50_ms = row.p50_ms - direct.p50_ms
+                    if row.p99_ms is not None and direct.p99_ms is not None:
+                        row.added_p99_ms = row.p99_ms - direct.p99_ms
+                rows.append(row)
+    return rows
+
+
+TABLE_HEADERS = ("path", "c", "req/s", "p50 ms", "p99 ms", "x nginx", "+p50 ms", "+p99 ms",
+                 "proxy CPU ms/1k req", "errors")
+TABLE_ALIGN = ("l", "r", "r", "r", "r", "r", "r", "r", "r", "l")
+
+
+def table(rows: Sequence[Row]) -> str:
+    cells = []
+    for r in rows:
+        if r.invalid:
+            errors = f"INVALID: {len(r.invalid)}/{r.runs} runs invalid ({'; '.join(r.invalid)})"
+        else:
+            errors = "-"
+        cells.append([
+            r.path,
+            str(r.concurrency),
+            fmt_num(r.rps) if r.rps is not None else "invalid",
+            fmt_num(r.p50_ms, 3),
+            fmt_num(r.p99_ms, 3),
+            fmt_num(r.x_nginx, 2),
+            fmt_num(r.added_p50_ms, 3, signed=True),
+            fmt_num(r.added_p99_ms, 3, signed=True),
+            fmt_num(r.cpu_ms_per_1k, 1),
+            errors,
+        ])
+    return markdown_table(TABLE_HEADERS, cells, TABLE_ALIGN)  # type: ignore[arg-type]
+
+
+def verdicts(rows: Sequence[Row]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r.path != "mlfe" or r.concurrency != TARGET_CONCURRENCY:
+            continue
+        if r.x_nginx is None:
+            lines.append(f"- upstream {r.upstream}: mlfe at c={TARGET_CONCURRENCY}: no valid "
+                         "number, target not checked")
+            continue
+        issue = "met" if r.x_nginx >= ISSUE_TARGET else "NOT met"
+        found = "met" if r.x_nginx >= FOUNDATION_TARGET else "NOT met"
+        lines.append(
+            f"- upstream {r.upstream}: mlfe at c={TARGET_CONCURRENCY} = {r.x_nginx:.2f}x nginx "
+            f"(issue target >= {ISSUE_TARGET}x: {issue}; foundation >= {FOUNDATION_TARGET}x: "
+            f"{found})"
+        )
+    return lines
+
+
+def report(
+    rows: Sequence[Row], runs: Sequence[Run], settings: Settings, machine: dict[str, Any]
+) -> str:
+    out = [
+        f"Machine: {machine['cpu_model']}, {machine['nproc']} cores, Python {machine['python']}, "
+        f"{machine['tools'].get('nginx', 'nginx')}, {machine['tools'].get('wrk', 'wrk')}",
+        f"Settings: {settings.rounds} round(s) x {settings.duration_s} s per run, "
+        f"medians; wrk threads 1 at c=1, 2 otherwise; POST {SCORE_PATH}, 44-byte JSON body",
+        "",
+    ]
+    for kind in settings.upstreams:
+        mine = [r for r in rows if r.upstream == kind]
+        loads = [others_load(r) for r in runs if r.upstream == kind]
+        out += [f"### Upstream: {UPSTREAM_KINDS[kind]}", "", table(mine), ""]
+        if loads:
+            out += [
+                f"Other processes on the machine during these runs: {median(loads):.0%} of a "
+                f"core (median), {max(loads):.0%} at most.",
+                "",
+            ]
+    out += ["Targets (one mlfe worker, x nginx's proxied req/s):", *verdicts(rows)]
+    return "\n".join(out)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.overhead",
+        description="Measure what one proxy hop costs: direct vs nginx vs mlfe.",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="seconds of warm-up per path before measuring (default 1; 0: none)")
+    p.add_argument("--concurrency", default="1,32,128",
+                   help="comma-separated wrk connection counts (default 1,32,128)")
+    p.add_argument("--upstreams", default=",".join(UPSTREAM_KINDS),
+                   help=f"comma-separated upstream kinds of {', '.join(UPSTREAM_KINDS)}")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help="where the JSON goes (default benchmarks/results)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 round of 1 s runs, c=1 and 32, nginx upstream, no warm-up")
+    a = p.parse_args(argv)
+    try:
+        concurrencies = tuple(int(c) for c in a.concurrency.split(","))
+    except ValueError:
+        p.error(f"--concurrency: expected numbers separated by commas, got {a.concurrency!r}")
+    upstreams = tuple(u.strip() for u in a.upstreams.split(","))
+    unknown = [u for u in upstreams if u not in UPSTREAM_KINDS]
+    if unknown:
+        p.error(f"--upstreams: unknown kind(s) {', '.join(unknown)}")
+    if a.rounds < 1 or a.duration < 1 or a.warmup < 0 or min(concurrencies) < 1:
+        p.error("--rounds, --duration and --concurrency must be at least 1, --warmup at least 0")
+    if a.quick:
+        return Settings(1, 1, 0, (1, 32), ("nginx",), a.results_dir, True)
+    return Settings(a.rounds, a.duration, a.warmup, concurrencies, upstreams, a.results_dir,
+                    False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    try:
+        nginx, wrk = find_nginx(), find_wrk()
+    except BenchmarkError as e:
+        print(f"benchmarks.overhead: {e}", file=sys.stderr)
+        return 2
+    interrupt_on_signals()
+    started = dt.datetime.now(dt.UTC)
+    machine = machine_info({"nginx": [nginx, "-v"], "wrk": [wrk, "-v"]})
+    body = lua_body()
+    runs: list[Run] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlfe-bench-") as tmp_name:
+            tmp = Path(tmp_name)
+            for kind in settings.upstreams:
+                runs += bench_upstream(kind, settings, nginx, wrk, tmp, body)
+    except BenchmarkError as e:
+        print(f"benchmarks.overhead: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("benchmarks.overhead: interrupted; every started process was stopped",
+              file=sys.stderr)
+        return 130
+
+    rows = summarise(runs, settings)
+    print(report(rows, runs, settings, machine), flush=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    out = settings.results_dir / f"overhead-{stamp}.json"
+    write_json(out, {
+        "benchmark": "overhead",
+        "started": started.isoformat(),
+        "finished": dt.datetime.now(dt.UTC).isoformat(),
+        "command": " ".join(["python -m benchmarks.overhead", *(argv or sys.argv[1:])]),
+        "settings": settings.to_json(),
+        "machine": machine,
+        "request": {"method": "POST", "path": SCORE_PATH, "body_bytes": len(body),
+                    "content_type": "application/json", "auth": "Bearer <43-char key>"},
+        "upstreams": UPSTREAM_KINDS,
+        "summary": [r.to_json() for r in rows],
+        "runs": [r.to_json() for r in runs],
+    })
+    print(f"\nRaw runs: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    invalid = [r for r in runs if not r.result.valid]
+    if invalid:
+        print(f"benchmarks.overhead: {len(invalid)} run(s) had errors and are not valid numbers "
+              "(see the errors column)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    status = main()
+    log(f"done in {time.monotonic() - t0:.0f} s")
+    sys.exit(status)

@@ -1,0 +1,1 @@
+"""mlfe deployment: configuration, the replica inference server, targets and the CLI."""

@@ -1,0 +1,327 @@
+"""mlfe configuration: the YAML of DESIGN §4 as validated models, with azureml's names and defaults.
+
+Every error names the key path and the offending value, and a config is accepted or refused whole:
+`load_config` either returns a complete `MlfeConfig` or raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# azureml service names: 3-32 chars, lowercase letters, digits and '-', starting with a letter.
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
+MAX_VERSIONS_PER_ENDPOINT = 6
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration was refused; the message names each bad key and its value."""
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8080' -> ('127.0.0.1', 8080); '[::1]:8080' -> ('::1', 8080)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class _Model(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them rather than ignore them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Model):
+    cert_file: Path
+    key_file: Path
+
+
+class TokenIssuer(_Model):
+    issuer: str
+    audience: str
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+
+    @model_validator(mode="after")
+    def _one_jwks_source(self) -> TokenIssuer:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("exactly one of jwks_file or jwks_url is required")
+        return self
+
+
+class RouterSettings(_Model):
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:8081"
+    state_dir: Path = Path(".mlfe")
+    cluster_purpose: Literal["FastProd", "DenseProd", "DevTest"] = "FastProd"
+    max_body_bytes: PositiveInt = 100 * 1024 * 1024
+    tls: TlsSettings | None = None
+    token_issuers: list[TokenIssuer] = Field(default_factory=list)
+    # Client-side protocol limits (nginx's defaults where it has one).
+    max_header_bytes: PositiveInt = 64 * 1024
+    max_header_count: PositiveInt = 100
+    client_header_timeout_s: PositiveFloat = 60.0
+    client_body_timeout_s: PositiveFloat = 60.0
+    keepalive_timeout_s: PositiveFloat = 75.0
+    # Graceful shutdown: how long in-flight requests may take to finish after SIGTERM.
+    drain_timeout_s: PositiveFloat = 30.0
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.admin_listen)
+
+
+class KubernetesTarget(_Model):
+    namespace: str
+    deployment: str
+
+
+_SCALING_KEYS = (
+    "num_replicas",
+    "autoscale_enabled",
+    "autoscale_min_replicas",
+    "autoscale_max_replicas",
+    "autoscale_refresh_seconds",
+    "autoscale_target_utilization",
+)
+
+
+class AuthSettings(_Model):
+    auth_enabled: bool = True
+    token_auth_enabled: bool = False
+    primary_key: str | None = Field(default=None, min_length=16, repr=False)
+    secondary_key: str | None = Field(default=None, min_length=16, repr=False)
+
+    @model_validator(mode="after")
+    def _one_auth_mode(self) -> AuthSettings:
+        if self.auth_enabled and self.token_auth_enabled:
+            raise ValueError(
+                "auth_enabled and token_auth_enabled cannot both be true "
+                "(set auth_enabled: false to use token auth)"
+            )
+        return self
+
+
+class ServiceConfig(AuthSettings):
+    # Where replicas come from: exactly one of these.
+    entry_script: Path | None = None
+    upstreams: list[str] | None = None
+    kubernetes: KubernetesTarget | None = None
+    synthetic: dict[str, Any] | None = None
+    model_dir: Path | None = None
+
+    scoring_timeout_ms: PositiveInt = 60_000
+    replica_max_concurrent_requests: PositiveInt = 1
+    max_request_wait_time: PositiveInt = 500
+    # Requests allowed to wait for a slot at once; more are refused at once with 503.
+    max_queue_length: PositiveInt = 1024
+
+    autoscale_enabled: bool | None = None  # default: on unless num_replicas is given
+    autoscale_min_replicas: PositiveInt = 1
+    autoscale_max_replicas: PositiveInt = 10
+    autoscale_refresh_seconds: PositiveFloat = 1.0
+    autoscale_target_utilization: Annotated[int, Field(gt=0, le=100)] = 70
+    num_replicas: PositiveInt | None = None
+
+    collect_model_data: bool = False
+    cpu_cores: PositiveFloat = 0.1
+    memory_gb: PositiveFloat = 0.5
+    gpu_cores: Annotated[int, Field(ge=0)] = 0
+
+    period_seconds: PositiveInt = 10
+    initial_delay_seconds: PositiveInt = 310
+    timeout_seconds: PositiveInt = 2
+    success_threshold: PositiveInt = 1
+    failure_threshold: PositiveInt = 3
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("at least one upstream HOST:PORT is required")
+            for item in v:
+                parse_hostport(item)
+        return v
+
+    @model_validator(mode="after")
+    def _azureml_rules(self) -> ServiceConfig:
+        sources = [
+            k for k in ("entry_script", "upstreams", "kubernetes", "synthetic")
+            if getattr(self, k) is not None
+        ]
+        if len(sources) != 1:
+            raise ValueError(
+                "exactly one of entry_script, upstreams, kubernetes, synthetic is required"
+                + (f" (got {', '.join(sources)})" if sources else "")
+            )
+        if self.upstreams is not None:
+            fixed = sorted(set(_SCALING_KEYS) & self.model_fields_set)
+            if fixed:
+                raise ValueError(
+                    f"{', '.join(fixed)} do not apply to static upstreams "
+                    "(the upstreams list is the replica pool)"
+                )
+            return self
+        if self.autoscale_enabled is True and self.num_replicas is not None:
+            raise ValueError("autoscale enabled and num_replicas provided")
+        if self.autoscale_enabled is False and self.num_replicas is None:
+            raise ValueError("autoscale_enabled is false but num_replicas is not set")
+        if not self.autoscaling:
+            stray = sorted(
+                k for k in self.model_fields_set if k.startswith("autoscale_")
+                and k != "autoscale_enabled"
+            )
+            if stray:
+                raise ValueError(f"{', '.join(stray)} provided without enabling autoscaling")
+        if self.autoscale_min_replicas > self.autoscale_max_replicas:
+            raise ValueError(
+                f"autoscale_min_replicas ({self.autoscale_min_replicas}) is greater than "
+                f"autoscale_max_replicas ({self.autoscale_max_replicas})"
+            )
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        if self.upstreams is not None:
+            return False
+        if self.autoscale_enabled is None:
+            return self.num_replicas is None
+        return self.autoscale_enabled
+
+
+class VersionConfig(_Model):
+    service: str
+    traffic_percentile: Annotated[float, Field(ge=0, le=100)] = 0
+    is_default: bool = False
+    is_control_version: bool = False
+
+
+class EndpointConfig(AuthSettings):
+    versions: dict[str, VersionConfig]
+
+    @model_validator(mode="after")
+    def _version_rules(self) -> EndpointConfig:
+        if not self.versions:
+            raise ValueError("an endpoint needs at least one version")
+        if len(self.versions) > MAX_VERSIONS_PER_ENDPOINT:
+            raise ValueError(
+                f"at most {MAX_VERSIONS_PER_ENDPOINT} versions per endpoint "
+                f"(got {len(self.versions)})"
+            )
+        defaults = [n for n, v in self.versions.items() if v.is_default]
+        if len(defaults) > 1:
+            raise ValueError(f"only one version can be default (got {', '.join(defaults)})")
+        controls = [n for n, v in self.versions.items() if v.is_control_version]
+        if len(controls) > 1:
+            raise ValueError(f"at most one control version (got {', '.join(controls)})")
+        total = sum(v.traffic_percentile for v in self.versions.values())
+        if total > 100:
+            raise ValueError(f"traffic percentiles sum to {total:g}, over 100")
+        return self
+
+    @property
+    def default_version(self) -> str:
+        """The version marked default, else the first one (azureml's rule)."""
+        for name, v in self.versions.items():
+            if v.is_default:
+                return name
+        return next(iter(self.versions))
+
+
+class MlfeConfig(_Model):
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    services: dict[str, ServiceConfig] = Field(default_factory=dict)
+    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_and_references(self) -> MlfeConfig:
+        for kind, names in (("services", self.services), ("endpoints", self.endpoints)):
+            for name in names:
+                if not NAME_RE.match(name):
+                    raise ValueError(
+                        f"{kind}.{name}: name must be 3-32 characters of lowercase letters, "
+                        "digits and '-', start with a letter and end with a letter or digit"
+                    )
+        for ep_name, ep in self.endpoints.items():
+            if ep_name in self.services:
+                raise ValueError(f"endpoints.{ep_name}: the name is already a service")
+            for v_name, v in ep.versions.items():
+                if v_name == ep_name:
+                    raise ValueError(
+                        f"endpoints.{ep_name}.versions.{v_name}: "
+                        "a version name must differ from its endpoint's name"
+                    )
+                if v.service not in self.services:
+                    raise ValueError(
+                        f"endpoints.{ep_name}.versions.{v_name}.service: "
+                        f"unknown service {v.service!r}"
+                    )
+        return self
+
+
+_SECRET_KEYS = frozenset({"primary_key", "secondary_key"})
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if any(str(p) in _SECRET_KEYS for p in e["loc"]):
+            shown = " (got <redacted>)"  # never echo a secret, not even a malformed one
+        else:
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{loc or '<root>'}: {msg}{shown}" if loc else f"{msg}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> MlfeConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return MlfeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_errors(e)}") from None
+
+
+def load_config(path: str | Path) -> MlfeConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,44 @@
+"""A deliberately slow model: run() sleeps, and reports how many run() calls overlapped.
+
+Sleep time: `{"ms": N}` in the request, else env SLOW_RUN_MS (default 50). The replica runs
+WORKER_COUNT calls at once, so `max_in_flight` shows the concurrency the router let through.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+DEFAULT_MS = float(os.environ.get("SLOW_RUN_MS", "50"))
+
+_lock = threading.Lock()
+_in_flight = 0
+_max_in_flight = 0
+
+
+def init() -> None:
+    """Nothing to load."""
+
+
+def run(data: Any) -> dict[str, Any]:
+    global _in_flight, _max_in_flight
+    ms = data.get("ms", DEFAULT_MS) if isinstance(data, dict) else DEFAULT_MS
+    ms = float(ms)
+    with _lock:
+        _in_flight += 1
+        in_flight = _in_flight
+        _max_in_flight = max(_max_in_flight, _in_flight)
+    try:
+        time.sleep(ms / 1000)
+    finally:
+        with _lock:
+            _in_flight -= 1
+            max_in_flight = _max_in_flight  # read after sleeping: includes calls that overlapped us
+    return {
+        "slept_ms": ms,
+        "in_flight": in_flight,
+        "max_in_flight": max_in_flight,
+        "pid": os.getpid(),
+    }

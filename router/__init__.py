@@ -1,0 +1,1 @@
+"""mlfe data plane: the scoring path (asyncio.Protocol + httptools), admission, routing."""

@@ -1,0 +1,228 @@
+"""Admission for one service: per-replica slots, the replica pick, and the FIFO wait queue.
+
+Pure state and decisions, no I/O and no clock reads: callers pass `now` (loop time, seconds) and
+act on what comes back. The rules are azureml's: a replica never has more than
+`replica_max_concurrent_requests` requests in flight; a request that finds no free slot waits,
+first in first out, for at most `max_request_wait_time`; a freed slot goes straight to the
+oldest waiter, with no polling (a freed slot that waits for a timer is capacity thrown away).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Rejection(Enum):
+    """Why a request was refused at once (each is its own 503 reason and metric label)."""
+
+    NO_REPLICAS = "no_replica"
+    QUEUE_FULL = "queue_full"
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """One model replica as admission sees it: an address and its in-flight count."""
+
+    addr: str
+    in_flight: int = 0
+    in_rotation: bool = True
+    removed: bool = False
+    # Opaque per-replica state of the I/O layer (its connection pool), kept here so a pick
+    # needs no second lookup on the hot path.
+    conns: object = None
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """A queued request: `grant(replica)` when a slot is handed to it, `expire()` when its
+    wait is over (both called by the I/O layer with what admission returns)."""
+
+    deadline: float
+    grant: Callable[[Replica], None]
+    expire: Callable[[], None]
+    enqueued_at: float
+    done: bool = False  # left the queue: granted, expired or cancelled
+
+
+Handoff = tuple[Waiter, Replica]
+
+
+@dataclass(eq=False)
+class ServicePool:
+    """Slots and queue of one service. Not thread-safe: used from the event loop only."""
+
+    max_concurrent: int
+    max_wait_s: float
+    max_queue: int
+    rand: Callable[[], float] = random.random
+    replicas: list[Replica] = field(default_factory=list)
+    _waiters: deque[Waiter] = field(default_factory=deque)
+    queued: int = 0  # live (not cancelled) waiters
+    busy: int = 0  # requests in flight on any replica of this pool
+    _free: int = 0  # free slots on replicas in rotation; 0 makes the overload path O(1)
+
+    # ---- replica set ---------------------------------------------------------------------
+
+    def add(self, addr: str, conns: object = None) -> tuple[Replica, list[Handoff]]:
+        replica = Replica(addr, conns=conns)
+        self.replicas.append(replica)
+        self._free += self.max_concurrent
+        return replica, self._drain_queue()
+
+    def remove(self, replica: Replica) -> None:
+        """Stop sending to `replica`; its in-flight requests finish and release normally."""
+        if replica.removed:
+            return
+        if replica.in_rotation:
+            self._free -= self.max_concurrent - replica.in_flight
+        replica.removed = True
+        replica.in_rotation = False
+        self.replicas.remove(replica)
+
+    def mark_down(self, replica: Replica) -> None:
+        """Take a failing replica out of rotation until it is marked up again."""
+        if replica.in_rotation:
+            replica.in_rotation = False
+            self._free -= self.max_concurrent - replica.in_flight
+
+    def mark_up(self, replica: Replica) -> list[Handoff]:
+        if replica.removed or replica.in_rotation:
+            return []
+        replica.in_rotation = True
+        self._free += self.max_concurrent - replica.in_flight
+        return self._drain_queue()
+
+    def set_limits(self, max_concurrent: int, max_wait_s: float, max_queue: int) -> list[Handoff]:
+        """Apply new limits (config reload); a raised cap hands slots to waiters at once."""
+        self.max_concurrent, self.max_wait_s, self.max_queue = max_concurrent, max_wait_s, max_queue
+        self._free = sum(
+            max(0, max_concurrent - r.in_flight) for r in self.replicas if r.in_rotation
+        )
+        return self._drain_queue()
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for r in self.replicas if r.in_rotation)
+
+    # ---- admission -----------------------------------------------------------------------
+
+    def admit(
+        self, now: float, grant: Callable[[Replica], None], expire: Callable[[], None]
+    ) -> Replica | Waiter | Rejection:
+        """A free replica (its slot is taken), or a queued Waiter, or a Rejection."""
+        if self._free > 0 and not self.queued:
+            replica = self._pick()
+            if replica is not None:
+                self._take(replica)
+                return replica
+        if not any(r.in_rotation for r in self.replicas):
+            return Rejection.NO_REPLICAS
+        if self.queued >= self.max_queue:
+            return Rejection.QUEUE_FULL
+        waiter = Waiter(now + self.max_wait_s, grant, expire, now)
+        self._waiters.append(waiter)
+        self.queued += 1
+        return waiter
+
+    def release(self, replica: Replica) -> Handoff | None:
+        """Free `replica`'s slot; if someone waits, the slot goes to the oldest waiter."""
+        replica.in_flight -= 1
+        self.busy -= 1
+        if not replica.in_rotation:
+            return None
+        self._free += 1
+        while self.queued:
+            waiter = self._waiters.popleft()
+            if waiter.done:
+                continue
+            waiter.done = True
+            self.queued -= 1
+            self._take(replica)
+            return waiter, replica
+        return None
+
+    def cancel(self, waiter: Waiter) -> None:
+        """The waiting client went away: it leaves the queue now (lazily removed from the deque)."""
+        if not waiter.done:
+            waiter.done = True
+            self.queued -= 1
+            if not self.queued:
+                self._waiters.clear()
+
+    def expire(self, now: float) -> list[Waiter]:
+        """Pop the waiters whose deadline has passed (they get 503)."""
+        expired: list[Waiter] = []
+        waiters = self._waiters
+        while waiters and (waiters[0].done or waiters[0].deadline <= now):
+            waiter = waiters.popleft()
+            if not waiter.done:
+                waiter.done = True
+                self.queued -= 1
+                expired.append(waiter)
+        return expired
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline in the queue. Every waiter of a pool waits the same time, so
+        deadlines are in queue order and the head's is the earliest (after a reload shortens
+        the wait, later ones may be earlier: they expire with the head, a little late)."""
+        for waiter in self._waiters:
+            if not waiter.done:
+                return waiter.deadline
+        return None
+
+    def waiters(self) -> Iterable[Waiter]:
+        return (w for w in self._waiters if not w.done)
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _take(self, replica: Replica) -> None:
+        replica.in_flight += 1
+        self.busy += 1
+        self._free -= 1
+
+    def _drain_queue(self) -> list[Handoff]:
+        handoffs: list[Handoff] = []
+        while self.queued and self._free > 0:
+            replica = self._pick()
+            if replica is None:
+                break
+            waiter = self._waiters.popleft()
+            if waiter.done:
+                continue
+            waiter.done = True
+            self.queued -= 1
+            self._take(replica)
+            handoffs.append((waiter, replica))
+        return handoffs
+
+    def _pick(self) -> Replica | None:
+        """Least loaded of two random choices among replicas with a free slot; a full scan
+        when both choices are full (so a free slot is never missed)."""
+        reps = self.replicas
+        n = len(reps)
+        cap = self.max_concurrent
+        if n == 1:
+            r = reps[0]
+            return r if r.in_rotation and r.in_flight < cap else None
+        rand = self.rand
+        a = reps[int(rand() * n)]
+        b = reps[int(rand() * n)]
+        a_ok = a.in_rotation and a.in_flight < cap
+        b_ok = b.in_rotation and b.in_flight < cap
+        if a_ok and b_ok:
+            return a if a.in_flight <= b.in_flight else b
+        if a_ok:
+            return a
+        if b_ok:
+            return b
+        best: Replica | None = None
+        for r in reps:
+            if not r.in_rotation or r.in_flight >= cap:
+                continue
+            if best is None or r.in_flight < best.in_flight:
+                best = r
+        return best

@@ -1,0 +1,74 @@
+"""Per-service auth keys: taken from config or generated, persisted in the state dir.
+
+The file is written atomically (temp file + rename) with owner-only permissions, so a crash
+never leaves half a key file and no other user can read it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import orjson
+
+KEYS_FILE = "keys.json"
+
+
+def generate_key() -> str:
+    """32 random bytes, URL-safe (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class KeyStore:
+    """Keys by owner name (a service or an endpoint): {"primaryKey": ..., "secondaryKey": ...}."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._path = state_dir / KEYS_FILE
+        self._keys: dict[str, dict[str, str]] = {}
+        if self._path.exists():
+            loaded = orjson.loads(self._path.read_bytes())
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{self._path}: not a JSON object")
+            self._keys = loaded
+
+    def ensure(self, name: str, primary: str | None, secondary: str | None) -> tuple[str, str]:
+        """Keys for `name`: config values win, else the stored ones, else new ones (stored)."""
+        stored = self._keys.get(name, {})
+        keys = {
+            "primaryKey": primary or stored.get("primaryKey") or generate_key(),
+            "secondaryKey": secondary or stored.get("secondaryKey") or generate_key(),
+        }
+        if keys != stored:
+            self._keys[name] = keys
+            self._save()
+        return keys["primaryKey"], keys["secondaryKey"]
+
+    def get(self, name: str) -> tuple[str, str] | None:
+        k = self._keys.get(name)
+        return None if k is None else (k["primaryKey"], k["secondaryKey"])
+
+    def regenerate(self, name: str, key_type: str) -> tuple[str, str]:
+        field = {"Primary": "primaryKey", "Secondary": "secondaryKey"}[key_type]
+        self._keys.setdefault(name, {"primaryKey": generate_key(), "secondaryKey": generate_key()})
+        self._keys[name][field] = generate_key()
+        self._save()
+        return self._keys[name]["primaryKey"], self._keys[name]["secondaryKey"]
+
+    def _save(self) -> None:
+        atomic_write(self._path, orjson.dumps(self._keys, option=orjson.OPT_INDENT_2))

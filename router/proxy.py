@@ -1,0 +1,426 @@
+"""The scoring path: route, authenticate, admit, forward, and answer.
+
+`ScoringHandler.handle` runs once per request when its headers are in. A `Forward` carries one
+proxied request through admission (a slot now, a place in the queue, or a 503), the upstream
+connection (reused or new), the response stream back to the client, and the release of its
+slot, which hands the slot straight to the next waiter. Everything is callbacks on the event
+loop; the only Task is a new upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from router import errors, routing
+from router.admission import Rejection, Replica, Waiter
+from router.http_server import Exchange
+from router.requestid import new_request_id, valid_client_request_id
+from router.routing import Route, RouteKind
+from router.upstream import ReplicaConnections, UpstreamConnection, UpstreamFailure
+
+if TYPE_CHECKING:
+    from router.services import Service
+
+log = logging.getLogger(__name__)
+
+# Request headers not forwarded: hop-by-hop ones, the credential, and those the router sets.
+_NOT_FORWARDED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"x-request-id",
+        b"x-ms-request-id",
+        b"x-ms-client-request-id",
+    }
+)
+_JSON = b"content-type: application/json\r\n"
+# A request body up to this size is kept until the response starts, so a request that met a
+# stale keep-alive connection (closed by the replica while idle) can be sent again once.
+REPLAY_LIMIT = 64 * 1024
+
+_WAITING, _CONNECTING, _SENT, _RESPONDING, _DONE = range(5)
+
+
+class ScoringHandler:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.routes: dict[bytes, Route] = routing.build_routes({})
+        self.draining = False
+        self.in_progress = 0  # forwards not yet finished (what a graceful drain waits for)
+
+    def handle(self, ex: Exchange) -> None:
+        url = ex.url
+        q = url.find(b"?")
+        path = url if q < 0 else url[:q]
+        route = self.routes.get(path)
+        if route is not None and route.service is None:
+            self._health(ex, route.kind)
+            return
+        rid = new_request_id().encode()
+        ids = b"x-ms-request-id: " + rid + b"\r\nx-request-id: " + rid + b"\r\n"
+        if route is None:
+            ex.respond_error(routing.not_found(path), ids)
+            return
+        if ex.method not in route.methods:
+            ex.respond_error(errors.method_not_allowed(route.allow), ids)
+            return
+        svc = route.service
+        assert svc is not None
+
+        # One pass over the headers: the credential, the client's id, and what is forwarded.
+        authorization = client_id = None
+        parts: list[bytes] = []
+        for name, value in ex.headers:
+            if name in _NOT_FORWARDED:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"x-ms-client-request-id" and valid_client_request_id(value):
+                    client_id = b"x-ms-client-request-id: " + value + b"\r\n"
+                continue
+            parts += (name, b": ", value, b"\r\n")
+
+        if client_id is not None:
+            ids += client_id
+        if route.auth and not svc.auth.check(authorization):
+            ex.respond_error(errors.unauthorized(), ids)
+            return
+
+        if ex.chunked:
+            framing = b"transfer-encoding: chunked\r\n"
+        elif ex.content_length is not None:
+            framing = b"content-length: %d\r\n" % ex.content_length
+        elif ex.method == b"POST":
+            framing = b"content-length: 0\r\n"
+        else:
+            framing = b""
+        parts += (b"x-request-id: ", rid, b"\r\n", client_id or b"", framing, b"\r\n")
+        Forward(
+            self,
+            ex,
+            svc,
+            ex.method + b" " + route.upstream_path + (b"" if q < 0 else url[q:])
+            + b" HTTP/1.1\r\nhost: ",
+            b"".join(parts),
+            ids,
+        ).admit()
+
+    def _health(self, ex: Exchange, kind: RouteKind) -> None:
+        if ex.method not in (b"GET", b"HEAD"):
+            ex.respond_error(errors.method_not_allowed(b"GET"))
+        elif kind is RouteKind.READY and self.draining:
+            ex.respond_error(errors.draining())
+        else:
+            ex.respond(200, _JSON, b'{"status":"Healthy"}')
+
+    def schedule_expiry(self, svc: Service) -> None:
+        if svc.expiry is None:
+            deadline = svc.pool.next_deadline()
+            if deadline is not None:
+                svc.expiry = self._loop.call_at(deadline, self._expire, svc)
+
+    def _expire(self, svc: Service) -> None:
+        svc.expiry = None
+        for waiter in svc.pool.expire(self._loop.time()):
+            waiter.expire()
+        self.schedule_expiry(svc)
+
+
+class Forward:
+    """One proxied request, from admission to the end of its response."""
+
+    __slots__ = (
+        "_body_sent",
+        "_chunked",
+        "_client_gone",
+        "_conn",
+        "_handler",
+        "_head_tail",
+        "_ids",
+        "_replay",
+        "_replay_bytes",
+        "_replica",
+        "_request_line",
+        "_retried",
+        "_state",
+        "_svc",
+        "_timer",
+        "_waiter",
+        "ex",
+        "t_start",
+    )
+
+    def __init__(
+        self,
+        handler: ScoringHandler,
+        ex: Exchange,
+        svc: Service,
+        request_line: bytes,
+        head_tail: bytes,
+        ids: bytes,
+    ) -> None:
+        self._handler = handler
+        self.ex = ex
+        self._svc = svc
+        self._request_line = request_line
+        self._head_tail = head_tail
+        self._ids = ids
+        self._chunked = ex.chunked
+        self._state = _WAITING
+        self._replica: Replica | None = None
+        self._conn: UpstreamConnection | None = None
+        self._waiter: Waiter | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._client_gone = False
+        self._body_sent = False
+        self._retried = False
+        self._replay: list[bytes] | None = []
+        self._replay_bytes = 0
+        self.t_start = handler._loop.time()
+        handler.in_progress += 1
+        ex.attach(self)
+
+    # ---- admission ------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        svc = self._svc
+        result = svc.pool.admit(self.t_start, self._granted, self._expired)
+        if isinstance(result, Replica):
+            self._dispatch(result)
+        elif isinstance(result, Waiter):
+            self._waiter = result
+            self._handler.schedule_expiry(svc)
+        elif result is Rejection.QUEUE_FULL:
+            self._fail(errors.overloaded(svc.name))
+        else:
+            self._fail(errors.no_replicas(svc.name))
+
+    def _granted(self, replica: Replica) -> None:
+        self._waiter = None
+        self._dispatch(replica)
+
+    def _expired(self) -> None:
+        self._waiter = None
+        self._fail(errors.overloaded(self._svc.name))
+
+    def _dispatch(self, replica: Replica) -> None:
+        self._replica = replica
+        loop = self._handler._loop
+        self._timer = loop.call_later(self._svc.timeout_s, self._on_timeout)
+        conns = replica.conns
+        assert isinstance(conns, ReplicaConnections)
+        conn = None if self._retried else conns.take_idle()
+        if conn is not None:
+            self._send_on(conn)
+            return
+        self._state = _CONNECTING
+        loop.create_task(conns.connect(loop)).add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        exc = task.exception() if not task.cancelled() else None
+        if task.cancelled() or exc is not None:
+            if self._state == _CONNECTING:
+                self._upstream_failed(UpstreamFailure.REFUSED)
+            return
+        conn = task.result()
+        if self._state != _CONNECTING:  # timed out or the client left meanwhile
+            conn.release()
+            return
+        self._send_on(conn)
+
+    def _send_on(self, conn: UpstreamConnection) -> None:
+        self._state = _SENT
+        self._conn = conn
+        conns = self._replica.conns if self._replica is not None else None
+        assert isinstance(conns, ReplicaConnections)
+        conn.begin(self)
+        conn.cork()
+        conn.send(self._request_line + conns.host_header + b"\r\n" + self._head_tail)
+        if self._retried:
+            for chunk in self._replay or ():
+                self._send_body(conn, chunk)
+            if self._body_sent:
+                self._send_end(conn)
+            self.ex.resume_body()
+        else:
+            self.ex.start_body()
+        if not self.ex.in_read:
+            conn.uncork()
+        # else: the body is usually in the same read as the head; on_client_flush sends both.
+
+    # ---- request body (BodySink) ----------------------------------------------------------
+
+    def on_body(self, chunk: bytes) -> None:
+        conn = self._conn
+        if conn is None or self._state >= _DONE:
+            return
+        if self._replay is not None:
+            self._replay_bytes += len(chunk)
+            if self._replay_bytes <= REPLAY_LIMIT:
+                self._replay.append(chunk)
+            else:
+                self._replay = None
+        self._send_body(conn, chunk)
+
+    def _send_body(self, conn: UpstreamConnection, chunk: bytes) -> None:
+        if self._chunked:
+            conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        else:
+            conn.send(chunk)
+
+    def on_body_end(self) -> None:
+        self._body_sent = True
+        if self._conn is not None and self._state < _DONE:
+            self._send_end(self._conn)
+
+    def _send_end(self, conn: UpstreamConnection) -> None:
+        if self._chunked:
+            conn.send(b"0\r\n\r\n")
+
+    def on_client_lost(self) -> None:
+        self._client_gone = True
+        state = self._state
+        if state == _WAITING:
+            if self._waiter is not None:
+                self._svc.pool.cancel(self._waiter)
+            self._finish(None)
+        elif state == _CONNECTING:
+            self._finish(None)
+        elif state < _DONE and not self._body_sent:
+            # The replica can never get the whole request: cut the upstream exchange.
+            self._finish(None)
+        # Otherwise the replica is working on it: its slot stays taken until it answers,
+        # so the per-replica cap holds; the answer is dropped.
+
+    def on_client_flush(self) -> None:
+        if self._conn is not None:
+            self._conn.uncork()
+
+    def on_client_pause_writing(self) -> None:
+        if self._conn is not None:
+            self._conn.pause_reading()
+
+    def on_client_resume_writing(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_reading()
+
+    # ---- response (UpstreamSink) ----------------------------------------------------------
+
+    def on_response_head(self, status: int, headers: bytes, content_length: int | None) -> None:
+        self._state = _RESPONDING
+        self._replay = None
+        if self._client_gone:
+            return
+        ex = self.ex
+        ex.cork()
+        ex.start_response(status, headers + self._ids, content_length)
+
+    def on_response_body(self, chunk: bytes) -> None:
+        if not self._client_gone:
+            self.ex.write(chunk)
+
+    def on_response_end(self) -> None:
+        conn = self._conn
+        self._conn = None
+        if conn is not None:
+            if self._body_sent:
+                conn.release()
+            else:
+                conn.close()  # answered before the whole body was sent: the stream is unusable
+        if not self._client_gone:
+            self.ex.end()
+        self._finish(None, release_conn=False)
+
+    def on_upstream_flush(self) -> None:
+        if not self._client_gone and self._state == _RESPONDING:
+            self.ex.uncork()
+
+    def on_upstream_failure(self, failure: UpstreamFailure) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.reused and not conn.got_bytes and self._retry_stale(failure):
+            return
+        self._upstream_failed(failure)
+
+    def on_upstream_pause_writing(self) -> None:
+        self.ex.pause_body()
+
+    def on_upstream_resume_writing(self) -> None:
+        self.ex.resume_body()
+
+    # ---- failure paths --------------------------------------------------------------------
+
+    def _retry_stale(self, failure: UpstreamFailure) -> bool:
+        """A reused keep-alive connection that closes before a byte of response was most
+        likely closed by the replica while idle: send the request once more on a new one.
+        Only while the body sent so far is small enough to have been kept for this."""
+        if (
+            failure is not UpstreamFailure.CLOSED
+            or self._state != _SENT
+            or self._retried
+            or self._replay is None
+            or self._client_gone
+            or self._replica is None
+        ):
+            return False
+        self._retried = True
+        self._state = _CONNECTING
+        self.ex.pause_body()  # body bytes wait in the client socket until the new connection
+        loop = self._handler._loop
+        conns = self._replica.conns
+        assert isinstance(conns, ReplicaConnections)
+        loop.create_task(conns.connect(loop)).add_done_callback(self._connected)
+        return True
+
+    def _upstream_failed(self, failure: UpstreamFailure) -> None:
+        if self._state == _DONE:
+            return
+        if self._replica is not None and failure is not UpstreamFailure.BAD_RESPONSE and (
+            self._state != _RESPONDING
+        ):
+            self._svc.replica_failed(self._replica)
+        self._fail(errors.for_upstream_failure(failure))
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._state < _DONE:
+            self._fail(errors.replica_timeout(self._svc.cfg.scoring_timeout_ms))
+
+    def _fail(self, err: errors.RouterError) -> None:
+        """Answer with a router error, or cut the client off if its response has begun."""
+        if not self._client_gone:
+            ex = self.ex
+            if ex.response_started:
+                ex.abort()
+            else:
+                ex.respond_error(err, self._ids)
+        self._finish(err)
+
+    def _finish(self, err: errors.RouterError | None, release_conn: bool = True) -> None:
+        if self._state == _DONE:
+            return
+        self._state = _DONE
+        self._handler.in_progress -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self._conn
+        if conn is not None and release_conn:
+            self._conn = None
+            conn.abort()  # mid-exchange: the connection's state is unknown
+        replica = self._replica
+        if replica is not None:
+            self._replica = None
+            handoff = self._svc.pool.release(replica)
+            if handoff is not None:
+                handoff[0].grant(handoff[1])

@@ -1,0 +1,248 @@
+"""The router process: build services from config, listen, sweep timeouts, drain on SIGTERM.
+
+Shutdown order (as KEDA's interceptor and uvicorn do it): readiness turns 503, the listener
+closes, idle keep-alive connections close, in-flight and queued requests finish (each response
+carries `Connection: close`) under `drain_timeout_s`, then whatever remains is cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+import uvloop
+
+from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
+from router.admin import AdminApi, admin_token
+from router.auth import KeyAuth, NoAuth
+from router.http_server import HttpServerProtocol, Limits
+from router.keystore import KeyStore
+from router.proxy import ScoringHandler
+from router.routing import build_routes
+from router.services import Service
+
+log = logging.getLogger(__name__)
+
+
+def limits_from(cfg: MlfeConfig) -> Limits:
+    r = cfg.router
+    return Limits(
+        max_header_bytes=r.max_header_bytes,
+        max_header_count=r.max_header_count,
+        max_body_bytes=r.max_body_bytes,
+        header_timeout_s=r.client_header_timeout_s,
+        body_timeout_s=r.client_body_timeout_s,
+        keepalive_timeout_s=r.keepalive_timeout_s,
+    )
+
+
+def check_supported(cfg: MlfeConfig) -> None:
+    """Refuse, by name, what this build of the router cannot serve yet."""
+    problems = []
+    for name, svc in cfg.services.items():
+        if svc.upstreams is None:
+            problems.append(
+                f"services.{name}: only 'upstreams' replicas are supported by this router so far"
+            )
+        if svc.token_auth_enabled:
+            problems.append(f"services.{name}.token_auth_enabled: token auth is not supported yet")
+    if cfg.endpoints:
+        problems.append("endpoints: endpoints are not supported yet")
+    if cfg.router.tls is not None:
+        problems.append("router.tls: TLS termination is not supported yet")
+    if cfg.router.token_issuers:
+        problems.append("router.token_issuers: token auth is not supported yet")
+    if problems:
+        raise ConfigError("unsupported configuration:\n  " + "\n  ".join(problems))
+
+
+class ConnectionSet(set[HttpServerProtocol]):
+    """The open client connections, with a way to wait until there are none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._empty: asyncio.Event | None = None
+
+    def discard(self, conn: object) -> None:
+        super().discard(conn)
+        if not self and self._empty is not None:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        if self:
+            self._empty = asyncio.Event()
+            await self._empty.wait()
+
+
+class Router:
+    def __init__(self, cfg: MlfeConfig, loop: asyncio.AbstractEventLoop) -> None:
+        check_supported(cfg)
+        self.cfg = cfg
+        self._loop = loop
+        self.handler = ScoringHandler(loop)
+        self.keys = KeyStore(cfg.router.state_dir)
+        self.services: dict[str, Service] = {}
+        self._limits = limits_from(cfg)
+        self._connections = ConnectionSet()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.port = 0
+
+    def _auth_for(self, name: str, svc: ServiceConfig) -> KeyAuth | NoAuth:
+        if not svc.auth_enabled:
+            return NoAuth()
+        return KeyAuth(*self.keys.ensure(name, svc.primary_key, svc.secondary_key))
+
+    def apply(self, cfg: MlfeConfig) -> None:
+        """Make the live services match `cfg`; the routing table is swapped in one step."""
+        check_supported(cfg)
+        services = dict(self.services)
+        for name in list(services):
+            if name not in cfg.services:
+                services.pop(name).close()
+        for name, scfg in cfg.services.items():
+            auth = self._auth_for(name, scfg)
+            svc = services.get(name)
+            if svc is None:
+                svc = services[name] = Service(name, scfg, auth)
+            else:
+                svc.reconfigure(scfg, auth)
+            if scfg.upstreams is not None:
+                svc.set_replicas(scfg.upstreams)
+        self.services = services
+        self.handler.routes = build_routes(services)
+        self.cfg = cfg
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per service: what the autoscaler reads (DESIGN §7)."""
+        out = {}
+        for name, svc in self.services.items():
+            pool = svc.pool
+            ready = pool.ready
+            capacity = ready * pool.max_concurrent
+            out[name] = {
+                "replicas": ready,
+                "busy": pool.busy,
+                "queued": pool.queued,
+                "utilization": (pool.busy + pool.queued) / capacity if capacity else None,
+            }
+        return out
+
+    def describe(self, name: str) -> dict[str, Any]:
+        svc = self.services[name]
+        host, _ = self.cfg.router.listen_addr
+        base = f"http://{host}:{self.port}/api/v1/service/{name}"
+        return {
+            "name": name,
+            "scoringUri": f"{base}/score",
+            "swaggerUri": f"{base}/swagger.json",
+            "authEnabled": svc.cfg.auth_enabled,
+            "tokenAuthEnabled": svc.cfg.token_auth_enabled,
+            "replicas": [
+                {"address": r.addr, "inRotation": r.in_rotation, "inFlight": r.in_flight}
+                for r in svc.pool.replicas
+            ],
+            "scoringTimeoutMs": svc.cfg.scoring_timeout_ms,
+            "replicaMaxConcurrentRequests": svc.cfg.replica_max_concurrent_requests,
+            "maxRequestWaitTime": svc.cfg.max_request_wait_time,
+        }
+
+    async def start(self) -> None:
+        self.apply(self.cfg)
+        host, port = self.cfg.router.listen_addr
+        handler, limits, loop, conns = self.handler, self._limits, self._loop, self._connections
+        self._server = await loop.create_server(
+            lambda: HttpServerProtocol(handler, limits, loop, conns),
+            host,
+            port,
+            backlog=4096,
+            reuse_address=True,
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep(), name="client timeout sweeper")
+        log.info("scoring on http://%s:%d", host, self.port)
+
+    async def _sweep(self) -> None:
+        """Close connections past their header, body or keep-alive timeout. One periodic pass
+        costs nothing per request, unlike a timer per request."""
+        lim = self._limits
+        interval = min(1.0, lim.header_timeout_s / 4, lim.body_timeout_s / 4,
+                       lim.keepalive_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = self._loop.time()
+            for conn in list(self._connections):
+                conn.check_timeouts(now)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking connections and let accepted requests finish; True if all did."""
+        self.handler.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.close_when_idle()
+        # Each connection closes itself after its last response: wait for them to be gone.
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._connections.wait_empty()
+        except TimeoutError:
+            pass
+        done = not self._connections
+        for conn in list(self._connections):
+            conn.abort()
+        return done
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for svc in self.services.values():
+            svc.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def serve(cfg: MlfeConfig) -> int:
+    loop = asyncio.get_running_loop()
+    router = Router(cfg, loop)
+    await router.start()
+    admin = AdminApi(router, admin_token(cfg.router.state_dir))
+    await admin.start(*cfg.router.admin_addr)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"mlfe: scoring on http://{cfg.router.listen_addr[0]}:{router.port}", flush=True)
+    await stop.wait()
+    log.info("draining (up to %.0f s)", cfg.router.drain_timeout_s)
+    clean = await router.drain(cfg.router.drain_timeout_s)
+    await router.close()
+    await admin.close()
+    if not clean:
+        log.warning("drain timeout: connections were cut off")
+    return 0
+
+
+def run_serve(config_path: str, log_level: str = "INFO") -> int:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = load_config(config_path)
+        check_supported(cfg)
+    except ConfigError as e:
+        print(f"mlfe: {e}", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(serve(cfg))
+    except OSError as e:
+        print(f"mlfe: cannot listen: {e.strerror}", file=sys.stderr)
+        return 1
+
+

@@ -1,0 +1,120 @@
+"""Live state of each service: its admission pool, its replicas' connections, its credentials.
+
+A `Service` outlives config reloads (its in-flight counts and queue must survive them); a reload
+updates its limits and replica set in place and the routing table is rebuilt around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from deploy.config import ServiceConfig, parse_hostport
+from router.admission import Handoff, Replica, ServicePool
+from router.auth import KeyAuth, NoAuth
+from router.probe import probe_http
+from router.upstream import ReplicaConnections
+
+log = logging.getLogger(__name__)
+
+# Backoff while probing a failed replica back into rotation.
+PROBE_MIN_S = 0.25
+PROBE_MAX_S = 5.0
+
+
+def grant_all(handoffs: Iterable[Handoff]) -> None:
+    for waiter, replica in handoffs:
+        waiter.grant(replica)
+
+
+class Service:
+    def __init__(self, name: str, cfg: ServiceConfig, auth: KeyAuth | NoAuth) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.auth = auth
+        self.pool = ServicePool(
+            max_concurrent=cfg.replica_max_concurrent_requests,
+            max_wait_s=cfg.max_request_wait_time / 1000,
+            max_queue=cfg.max_queue_length,
+        )
+        self.timeout_s = cfg.scoring_timeout_ms / 1000
+        self._probes: dict[Replica, asyncio.Task[None]] = {}
+        self.expiry: asyncio.TimerHandle | None = None  # the queue head's wait deadline
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def reconfigure(self, cfg: ServiceConfig, auth: KeyAuth | NoAuth) -> None:
+        self.cfg = cfg
+        self.auth = auth
+        self.timeout_s = cfg.scoring_timeout_ms / 1000
+        grant_all(
+            self.pool.set_limits(
+                cfg.replica_max_concurrent_requests,
+                cfg.max_request_wait_time / 1000,
+                cfg.max_queue_length,
+            )
+        )
+
+    def set_replicas(self, addrs: Iterable[str]) -> None:
+        """Make the pool's replicas exactly `addrs`: new ones join, missing ones are drained."""
+        wanted = list(dict.fromkeys(addrs))
+        current = {r.addr: r for r in self.pool.replicas}
+        for addr, replica in current.items():
+            if addr not in wanted:
+                self.remove_replica(replica)
+        for addr in wanted:
+            if addr not in current:
+                self.add_replica(addr)
+
+    def add_replica(self, addr: str) -> Replica:
+        host, port = parse_hostport(addr)
+        replica, handoffs = self.pool.add(addr, ReplicaConnections(host, port))
+        grant_all(handoffs)
+        return replica
+
+    def remove_replica(self, replica: Replica) -> None:
+        """Out of rotation now; in-flight requests finish on their own connections."""
+        self.pool.remove(replica)
+        conns = replica.conns
+        assert isinstance(conns, ReplicaConnections)
+        conns.close()
+        task = self._probes.pop(replica, None)
+        if task is not None:
+            task.cancel()
+
+    # ---- failures ---------------------------------------------------------------------------
+
+    def replica_failed(self, replica: Replica) -> None:
+        """A replica refused or reset a connection: out of rotation until a probe succeeds."""
+        if replica.removed or not replica.in_rotation:
+            return
+        log.warning("service %s: replica %s failed; out of rotation", self.name, replica.addr)
+        self.pool.mark_down(replica)
+        if replica not in self._probes:
+            self._probes[replica] = asyncio.get_running_loop().create_task(
+                self._probe_back(replica), name=f"probe {self.name} {replica.addr}"
+            )
+
+    async def _probe_back(self, replica: Replica) -> None:
+        conns = replica.conns
+        assert isinstance(conns, ReplicaConnections)
+        delay = PROBE_MIN_S
+        try:
+            while not replica.removed:
+                await asyncio.sleep(delay)
+                if await probe_http(conns.host, conns.port, timeout_s=self.cfg.timeout_seconds):
+                    log.info("service %s: replica %s is back", self.name, replica.addr)
+                    grant_all(self.pool.mark_up(replica))
+                    return
+                delay = min(delay * 2, PROBE_MAX_S)
+        finally:
+            self._probes.pop(replica, None)
+
+    def close(self) -> None:
+        for task in list(self._probes.values()):
+            task.cancel()
+        if self.expiry is not None:
+            self.expiry.cancel()
+        for replica in list(self.pool.replicas):
+            self.remove_replica(replica)

@@ -1,0 +1,275 @@
+"""The replica side of the scoring path: keep-alive HTTP/1.1 connections on httptools.
+
+`ReplicaConnections` is the idle pool of one replica (LIFO, so the warmest socket is reused and
+the rest can time out); `UpstreamConnection` sends one request at a time and reports the response
+to an `UpstreamSink` through callbacks. A connection that closes or misbehaves is never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from enum import Enum
+from typing import Protocol, cast
+
+import httptools
+
+# Response headers that belong to the replica hop, or that the router sets itself.
+_DROP_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"content-length",
+        b"x-ms-request-id",
+        b"x-request-id",
+        b"x-ms-client-request-id",
+    }
+)
+
+# Idle connections a replica keeps beyond those in use; more are closed when returned.
+MAX_IDLE_PER_REPLICA = 64
+
+
+class UpstreamFailure(Enum):
+    """How a replica failed a request (each maps to one status and metric label)."""
+
+    REFUSED = "refused"  # could not connect
+    CLOSED = "closed"  # closed or reset the connection before a complete response
+    BAD_RESPONSE = "bad_response"  # malformed HTTP
+
+
+class UpstreamSink(Protocol):
+    def on_response_head(self, status: int, headers: bytes, content_length: int | None) -> None: ...
+    def on_response_body(self, chunk: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+    def on_upstream_failure(self, failure: UpstreamFailure) -> None: ...
+    def on_upstream_flush(self) -> None: ...
+    def on_upstream_pause_writing(self) -> None: ...
+    def on_upstream_resume_writing(self) -> None: ...
+
+
+class ReplicaConnections:
+    """Idle keep-alive connections to one replica."""
+
+    __slots__ = ("_idle", "closed", "host", "host_header", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        self._idle: list[UpstreamConnection] = []
+        self.closed = False
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.usable:
+                return conn
+        return None
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        if self.closed or len(self._idle) >= MAX_IDLE_PER_REPLICA:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        _, conn = await loop.create_connection(
+            lambda: UpstreamConnection(self), self.host, self.port
+        )
+        return conn
+
+    def close(self) -> None:
+        """The replica left the pool: close idle connections now, busy ones when they finish."""
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_chunked",
+        "_close_delimited",
+        "_content_length",
+        "_corked",
+        "_headers",
+        "_informational",
+        "_out",
+        "_parser",
+        "_pool",
+        "_transport",
+        "got_bytes",
+        "reused",
+        "sink",
+        "usable",
+    )
+
+    def __init__(self, pool: ReplicaConnections) -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.sink: UpstreamSink | None = None
+        self.usable = False
+        self.reused = False
+        self.got_bytes = False
+        self._headers: list[bytes] = []
+        self._content_length: int | None = None
+        self._informational = False
+        self._chunked = False
+        self._close_delimited = False
+        self._corked = False
+        self._out: list[bytes] = []
+
+    # ---- used by the proxy ----------------------------------------------------------------
+
+    def begin(self, sink: UpstreamSink) -> None:
+        self.sink = sink
+        self.got_bytes = False
+
+    def cork(self) -> None:
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        out = self._out
+        if out and self._transport is not None:
+            self._out = []
+            if len(out) == 1:
+                self._transport.write(out[0])
+            else:
+                self._transport.writelines(out)
+
+    def send(self, data: bytes) -> None:
+        if self._corked:
+            self._out.append(data)
+        elif self._transport is not None:
+            self._transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def release(self) -> None:
+        """The exchange is over and the connection is clean: back to the idle pool."""
+        self.sink = None
+        self.reused = True
+        if self.usable:
+            self._pool.put_idle(self)
+
+    def close(self) -> None:
+        self.usable = False
+        self.sink = None
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self.usable = False
+        self.sink = None
+        if self._transport is not None:
+            self._transport.abort()
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but implement it.
+        self._transport = cast(asyncio.Transport, transport)
+        self.usable = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.usable = False
+        self._transport = None
+        self._pool.discard(self)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_upstream_failure(UpstreamFailure.CLOSED)
+
+    def eof_received(self) -> bool | None:
+        self.usable = False
+        sink = self.sink
+        if sink is not None and self._close_delimited:
+            # A response delimited by the end of the connection is complete now.
+            self.sink = None
+            sink.on_response_end()
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            # Bytes while idle: the replica is confused; never reuse this connection.
+            self.abort()
+            return
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.abort()
+            sink.on_upstream_failure(UpstreamFailure.BAD_RESPONSE)
+            return
+        sink.on_upstream_flush()
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_resume_writing()
+
+    # ---- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._close_delimited = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in _DROP_RESPONSE_HEADERS:
+            if name == b"content-length":
+                self._content_length = int(value)
+            elif name == b"transfer-encoding":
+                self._chunked = True
+            return
+        self._headers.append(name + b": " + value + b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self._informational = 100 <= status < 200
+        if self._informational:
+            return  # 100 Continue and friends are the replica hop's business
+        self._close_delimited = (
+            self._content_length is None and not self._chunked and status not in (204, 304)
+        )
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_head(status, b"".join(self._headers), self._content_length)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if not self._parser.should_keep_alive():
+            self.usable = False
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_response_end()
