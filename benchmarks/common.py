@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,8 +183,15 @@ class Processes:
             self.children.remove(child)
 
     def stop_all(self) -> None:
-        while self.children:
-            self.stop(self.children[-1])
+        """Stop every child, newest first; a second Ctrl-C meanwhile does not cut this short."""
+        shielded = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if shielded else None
+        try:
+            while self.children:
+                self.stop(self.children[-1])
+        finally:
+            if shielded:
+                signal.signal(signal.SIGINT, previous)
 
     def __enter__(self) -> Processes:
         return self

@@ -109,6 +109,7 @@ _SCALING_KEYS = (
     "autoscale_max_replicas",
     "autoscale_refresh_seconds",
     "autoscale_target_utilization",
+    "autoscale_scale_down_window_seconds",
 )
 
 
@@ -147,7 +148,12 @@ class ServiceConfig(AuthSettings):
     autoscale_max_replicas: PositiveInt = 10
     autoscale_refresh_seconds: PositiveFloat = 1.0
     autoscale_target_utilization: Annotated[int, Field(gt=0, le=100)] = 70
+    # Scale down only to the highest replica count wanted over this window (azureml: ~1 min).
+    autoscale_scale_down_window_seconds: PositiveFloat = 60.0
     num_replicas: PositiveInt | None = None
+    environment_variables: dict[str, str] = Field(default_factory=dict)
+    # A request body that `mlfe up` shows in its ready-to-paste curl line.
+    sample_input: str | None = None
 
     collect_model_data: bool = False
     cpu_cores: PositiveFloat = 0.1

@@ -411,6 +411,7 @@ class Forward:
             return
         self._state = _DONE
         self._handler.in_progress -= 1
+        self._svc.completed += 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -421,6 +422,4 @@ class Forward:
         replica = self._replica
         if replica is not None:
             self._replica = None
-            handoff = self._svc.pool.release(replica)
-            if handoff is not None:
-                handoff[0].grant(handoff[1])
+            self._svc.release(replica)

@@ -10,14 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
+from collections.abc import Callable
 from typing import Any
 
-import uvloop
-
-from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
-from router.admin import AdminApi, admin_token
+from deploy.config import ConfigError, MlfeConfig, ServiceConfig
 from router.auth import KeyAuth, NoAuth
 from router.http_server import HttpServerProtocol, Limits
 from router.keystore import KeyStore
@@ -44,9 +40,9 @@ def check_supported(cfg: MlfeConfig) -> None:
     """Refuse, by name, what this build of the router cannot serve yet."""
     problems = []
     for name, svc in cfg.services.items():
-        if svc.upstreams is None:
+        if svc.kubernetes is not None or svc.synthetic is not None:
             problems.append(
-                f"services.{name}: only 'upstreams' replicas are supported by this router so far"
+                f"services.{name}: only 'upstreams' and 'entry_script' replicas are supported so far"
             )
         if svc.token_auth_enabled:
             problems.append(f"services.{name}.token_auth_enabled: token auth is not supported yet")
@@ -91,6 +87,8 @@ class Router:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.port = 0
+        # What the co-located autoscaler last decided, per service (set by the runtime).
+        self.scaling_status: Callable[[str], dict[str, Any]] = lambda name: {}
 
     def _auth_for(self, name: str, svc: ServiceConfig) -> KeyAuth | NoAuth:
         if not svc.auth_enabled:
@@ -118,8 +116,8 @@ class Router:
         self.cfg = cfg
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per service: what the autoscaler reads (DESIGN §7)."""
-        out = {}
+        """Per service: what the autoscaler reads (DESIGN §7), plus what it decided."""
+        out: dict[str, dict[str, Any]] = {}
         for name, svc in self.services.items():
             pool = svc.pool
             ready = pool.ready
@@ -129,6 +127,8 @@ class Router:
                 "busy": pool.busy,
                 "queued": pool.queued,
                 "utilization": (pool.busy + pool.queued) / capacity if capacity else None,
+                "completed": svc.completed,
+                **self.scaling_status(name),
             }
         return out
 
@@ -207,42 +207,3 @@ class Router:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-
-
-async def serve(cfg: MlfeConfig) -> int:
-    loop = asyncio.get_running_loop()
-    router = Router(cfg, loop)
-    await router.start()
-    admin = AdminApi(router, admin_token(cfg.router.state_dir))
-    await admin.start(*cfg.router.admin_addr)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"mlfe: scoring on http://{cfg.router.listen_addr[0]}:{router.port}", flush=True)
-    await stop.wait()
-    log.info("draining (up to %.0f s)", cfg.router.drain_timeout_s)
-    clean = await router.drain(cfg.router.drain_timeout_s)
-    await router.close()
-    await admin.close()
-    if not clean:
-        log.warning("drain timeout: connections were cut off")
-    return 0
-
-
-def run_serve(config_path: str, log_level: str = "INFO") -> int:
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = load_config(config_path)
-        check_supported(cfg)
-    except ConfigError as e:
-        print(f"mlfe: {e}", file=sys.stderr)
-        return 2
-    try:
-        return uvloop.run(serve(cfg))
-    except OSError as e:
-        print(f"mlfe: cannot listen: {e.strerror}", file=sys.stderr)
-        return 1
-
-

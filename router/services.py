@@ -40,7 +40,9 @@ class Service:
         )
         self.timeout_s = cfg.scoring_timeout_ms / 1000
         self._probes: dict[Replica, asyncio.Task[None]] = {}
+        self._drained: dict[Replica, asyncio.Future[None]] = {}  # removed, awaiting in-flight
         self.expiry: asyncio.TimerHandle | None = None  # the queue head's wait deadline
+        self.completed = 0  # requests finished (any outcome), for rates
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -82,6 +84,23 @@ class Service:
         task = self._probes.pop(replica, None)
         if task is not None:
             task.cancel()
+
+    async def drain_replica(self, replica: Replica) -> None:
+        """Remove `replica` and return once its in-flight requests have finished."""
+        self.remove_replica(replica)
+        if replica.in_flight:
+            fut = self._drained.setdefault(replica, asyncio.get_running_loop().create_future())
+            await asyncio.shield(fut)
+
+    def release(self, replica: Replica) -> None:
+        """A request on `replica` is over: its slot goes to the next waiter, if any."""
+        handoff = self.pool.release(replica)
+        if handoff is not None:
+            handoff[0].grant(handoff[1])
+        elif replica.removed and not replica.in_flight:
+            fut = self._drained.pop(replica, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     # ---- failures ---------------------------------------------------------------------------
 

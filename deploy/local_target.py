@@ -1,0 +1,289 @@
+"""The local target: each replica of an `entry_script` service is an `mlfe score-server` child.
+
+A replica joins the router's pool only once `GET /` answers; it is probed with the service's
+liveness settings and replaced when it dies or fails `failure_threshold` probes in a row; it is
+removed by taking it out of rotation, letting its in-flight requests finish, then stopping it.
+Children live in their own session (a terminal's Ctrl-C reaches mlfe, which drains them in
+order) and get SIGTERM from the kernel if mlfe itself dies, so no replica outlives mlfe.
+
+This is the `Actuator` the replica autoscaler drives: `current()` and `scale()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from deploy.config import ServiceConfig
+from router.admission import Replica
+from router.probe import probe_http
+from router.services import Service
+
+log = logging.getLogger(__name__)
+
+_LISTENING = re.compile(rb"Listening on http://[^:]+:(\d+)")
+STOP_GRACE_S = 10.0
+# Restart backoff after a replica fails (crash loops must not spin).
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 30.0
+# Local replicas are probed for readiness this often while starting.
+STARTUP_PROBE_S = 0.1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when mlfe dies, however mlfe dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class State(Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class LocalReplica:
+    service: str
+    proc: asyncio.subprocess.Process | None = None
+    port: int = 0
+    state: State = State.STARTING
+    replica: Replica | None = None
+    task: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class LocalTarget:
+    def __init__(self, services: dict[str, Service], base_dir: Path) -> None:
+        self._services = services  # the router's live services, by name
+        self._base_dir = base_dir
+        self._configs: dict[str, ServiceConfig] = {}
+        self._replicas: dict[str, list[LocalReplica]] = {}
+        self._desired: dict[str, int] = {}
+        self._failures: dict[str, int] = {}
+        self._closing = False
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def configure(self, services: dict[str, Service], configs: dict[str, ServiceConfig]) -> None:
+        """Track the `entry_script` services of a (re)loaded config."""
+        self._services = services
+        local = {n: c for n, c in configs.items() if c.entry_script is not None}
+        for name in list(self._configs):
+            if name not in local:
+                self._desired[name] = 0
+                self._reconcile(name)
+        self._configs = local
+        for name, cfg in local.items():
+            self._replicas.setdefault(name, [])
+            if name not in self._desired:
+                self._desired[name] = cfg.num_replicas or cfg.autoscale_min_replicas
+            self._reconcile(name)
+
+    def entry_script(self, cfg: ServiceConfig) -> Path:
+        assert cfg.entry_script is not None
+        return self._base_dir / cfg.entry_script  # an absolute path stays as it is
+
+    # ---- Actuator ---------------------------------------------------------------------------
+
+    def current(self, service: str) -> int:
+        return self._desired.get(service, 0)
+
+    async def scale(self, service: str, desired: int) -> None:
+        if service not in self._configs:
+            raise KeyError(f"{service} is not a local service")
+        log.info("service %s: scaling to %d replicas", service, desired)
+        self._desired[service] = desired
+        self._reconcile(service)
+
+    def replicas(self, service: str) -> list[LocalReplica]:
+        return list(self._replicas.get(service, []))
+
+    # ---- reconciliation ---------------------------------------------------------------------
+
+    def _alive(self, service: str) -> list[LocalReplica]:
+        return [r for r in self._replicas.get(service, [])
+                if r.state in (State.STARTING, State.READY)]
+
+    def _reconcile(self, service: str) -> None:
+        if self._closing:
+            return
+        alive = self._alive(service)
+        want = self._desired.get(service, 0)
+        for _ in range(want - len(alive)):
+            self._start(service)
+        if len(alive) > want:
+            # Remove replicas still starting first, then the least busy.
+            alive.sort(key=lambda r: (r.state is State.READY,
+                                      r.replica.in_flight if r.replica else 0))
+            for rep in alive[: len(alive) - want]:
+                rep.state = State.STOPPING
+                rep.tasks.append(asyncio.get_running_loop().create_task(
+                    self._stop(rep), name=f"stop {service}:{rep.port}"))
+
+    def _start(self, service: str) -> None:
+        rep = LocalReplica(service)
+        self._replicas[service].append(rep)
+        rep.task = asyncio.get_running_loop().create_task(
+            self._run(rep), name=f"replica {service}")
+
+    # ---- one replica's life ---------------------------------------------------------------------
+
+    async def _run(self, rep: LocalReplica) -> None:
+        cfg = self._configs[rep.service]
+        try:
+            delay = self._restart_delay(rep.service)
+            if delay:
+                await asyncio.sleep(delay)
+            await self._spawn(rep, cfg)
+            if not await self._wait_ready(rep, cfg):
+                raise RuntimeError("did not become healthy")
+            if rep.state is not State.STARTING:
+                return  # scaled away while starting
+            svc = self._services[rep.service]
+            rep.replica = svc.add_replica(f"127.0.0.1:{rep.port}")
+            rep.state = State.READY
+            self._failures[rep.service] = 0
+            log.info("service %s: replica on port %d is ready", rep.service, rep.port)
+            await self._watch(rep, cfg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("service %s: replica on port %d failed: %s", rep.service, rep.port, e)
+        if rep.state in (State.STARTING, State.READY):
+            self._failures[rep.service] = self._failures.get(rep.service, 0) + 1
+            rep.state = State.DEAD
+            await self._terminate(rep, drain=False)
+            self._forget(rep)
+            self._reconcile(rep.service)  # start a replacement
+
+    def _restart_delay(self, service: str) -> float:
+        n = self._failures.get(service, 0)
+        return 0.0 if n == 0 else min(RESTART_MIN_S * 2 ** (n - 1), RESTART_MAX_S)
+
+    async def _spawn(self, rep: LocalReplica, cfg: ServiceConfig) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "WORKER_COUNT": str(cfg.replica_max_concurrent_requests),
+               **cfg.environment_variables}
+        if cfg.model_dir is not None:
+            env["AZUREML_MODEL_DIR"] = str(self._base_dir / cfg.model_dir)  # absolute stays
+        rep.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "deploy.cli", "score-server",
+            "--entry-script", str(self.entry_script(cfg)), "--host", "127.0.0.1", "--port", "0",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        rep.tasks.append(asyncio.get_running_loop().create_task(
+            self._pump(rep, port_found), name=f"output {rep.service}"))
+        waiter = asyncio.ensure_future(rep.proc.wait())
+        done, _ = await asyncio.wait(
+            {port_found, waiter}, timeout=cfg.initial_delay_seconds,
+            return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if port_found not in done:
+            raise RuntimeError("exited before listening" if rep.proc.returncode is not None
+                               else "did not start listening in time")
+        rep.port = port_found.result()
+
+    async def _pump(self, rep: LocalReplica, port_found: asyncio.Future[int]) -> None:
+        """Relay the replica's output to our log (and keep its pipe from filling up)."""
+        assert rep.proc is not None and rep.proc.stdout is not None
+        child_log = logging.getLogger(f"replica.{rep.service}")
+        async for line in rep.proc.stdout:
+            if not port_found.done():
+                m = _LISTENING.search(line)
+                if m:
+                    port_found.set_result(int(m.group(1)))
+            child_log.info("%s", line.rstrip().decode(errors="replace"))
+
+    async def _wait_ready(self, rep: LocalReplica, cfg: ServiceConfig) -> bool:
+        """Probe until healthy: up to initial_delay + failure_threshold periods, as Kubernetes
+        would allow before giving up (but probing often, so a fast replica serves at once)."""
+        assert rep.proc is not None
+        loop = asyncio.get_running_loop()
+        allowed = cfg.initial_delay_seconds + cfg.failure_threshold * cfg.period_seconds
+        deadline = loop.time() + allowed
+        while loop.time() < deadline and rep.proc.returncode is None:
+            if await probe_http("127.0.0.1", rep.port, timeout_s=cfg.timeout_seconds):
+                return True
+            await asyncio.sleep(STARTUP_PROBE_S)
+        return False
+
+    async def _watch(self, rep: LocalReplica, cfg: ServiceConfig) -> None:
+        """Liveness: returns when the process died or failed `failure_threshold` probes."""
+        assert rep.proc is not None
+        failures = 0
+        exited = asyncio.ensure_future(rep.proc.wait())
+        try:
+            while rep.state is State.READY:
+                done, _ = await asyncio.wait({exited}, timeout=cfg.period_seconds)
+                if done:
+                    raise RuntimeError(f"exited with {rep.proc.returncode}")
+                if await probe_http("127.0.0.1", rep.port, timeout_s=cfg.timeout_seconds):
+                    failures = 0
+                else:
+                    failures += 1
+                    if failures >= cfg.failure_threshold:
+                        raise RuntimeError(f"failed {failures} liveness probes")
+        finally:
+            exited.cancel()
+
+    async def _stop(self, rep: LocalReplica) -> None:
+        await self._terminate(rep, drain=True)
+        self._forget(rep)
+
+    async def _terminate(self, rep: LocalReplica, drain: bool) -> None:
+        svc = self._services.get(rep.service)
+        if rep.replica is not None and svc is not None:
+            if drain:
+                cfg = self._configs.get(rep.service)
+                timeout = cfg.scoring_timeout_ms / 1000 if cfg else STOP_GRACE_S
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await svc.drain_replica(rep.replica)
+            else:
+                svc.remove_replica(rep.replica)
+        if rep.task is not None and rep.task is not asyncio.current_task():
+            rep.task.cancel()
+        proc = rep.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        log.info("service %s: replica on port %d stopped", rep.service, rep.port)
+
+    def _forget(self, rep: LocalReplica) -> None:
+        reps = self._replicas.get(rep.service, [])
+        if rep in reps:
+            reps.remove(rep)
+
+    async def close(self) -> None:
+        """Stop every replica (the router has drained by now)."""
+        self._closing = True
+        reps = [r for rs in self._replicas.values() for r in rs]
+        await asyncio.gather(*(self._terminate(r, drain=False) for r in reps),
+                             return_exceptions=True)
+        for r in reps:
+            for t in [r.task, *r.tasks]:
+                if t is not None and t is not asyncio.current_task():
+                    t.cancel()
+        tasks = [t for r in reps for t in [r.task, *r.tasks] if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._replicas.clear()

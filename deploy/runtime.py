@@ -1,0 +1,139 @@
+"""`mlfe serve` and `mlfe up`: the router, its admin API, the local replicas and the co-located
+autoscaler, started in order and stopped in reverse.
+
+Shutdown on SIGTERM or Ctrl-C: the router turns unready and drains (accepted and queued requests
+finish), the autoscaler stops, the local replicas stop, the admin API closes; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from autoscaler.clock import MonotonicClock
+from autoscaler.decider import Counts, ScalingSpec
+from autoscaler.loop import AutoscalerLoop
+from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
+from deploy.local_target import LocalTarget
+from router.admin import AdminApi, admin_token
+from router.server import Router, check_supported
+
+log = logging.getLogger(__name__)
+
+
+def scaling_spec(cfg: ServiceConfig) -> ScalingSpec:
+    return ScalingSpec(
+        min_replicas=cfg.autoscale_min_replicas,
+        max_replicas=cfg.autoscale_max_replicas,
+        target_utilization=cfg.autoscale_target_utilization,
+        replica_max_concurrent_requests=cfg.replica_max_concurrent_requests,
+        refresh_seconds=cfg.autoscale_refresh_seconds,
+        scale_down_window_s=cfg.autoscale_scale_down_window_seconds,
+        autoscale_enabled=cfg.autoscaling,
+        num_replicas=cfg.num_replicas,
+    )
+
+
+class RouterCounts:
+    """The autoscaler's view of the router: an in-process read of each pool's counters."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def counts(self, service: str) -> Counts:
+        pool = self._router.services[service].pool
+        return Counts(busy=pool.busy, queued=pool.queued, replicas=pool.ready)
+
+
+class Runtime:
+    def __init__(self, cfg: MlfeConfig, base_dir: Path) -> None:
+        self.cfg = cfg
+        loop = asyncio.get_running_loop()
+        self.router = Router(cfg, loop)
+        self.admin = AdminApi(self.router, admin_token(cfg.router.state_dir))
+        self.target = LocalTarget(self.router.services, base_dir)
+        self.autoscaler = AutoscalerLoop(
+            counts=RouterCounts(self.router), actuator=self.target, clock=MonotonicClock()
+        )
+        self.router.scaling_status = self._scaling_status
+
+    def _scaling_status(self, name: str) -> dict[str, Any]:
+        st = self.autoscaler.status().get(name)
+        if st is None:
+            return {}
+        util = st.utilization
+        return {"desired": st.desired, "current": st.current,
+                "decidedUtilization": util if util != float("inf") else None}
+
+    async def start(self) -> None:
+        await self.router.start()
+        await self.admin.start(*self.cfg.router.admin_addr)
+        self.target.configure(self.router.services, self.cfg.services)
+        self.autoscaler.set_services(
+            {n: scaling_spec(c) for n, c in self.cfg.services.items() if c.entry_script}
+        )
+        self.autoscaler.start()
+
+    async def stop(self) -> None:
+        log.info("draining (up to %.0f s)", self.cfg.router.drain_timeout_s)
+        clean = await self.router.drain(self.cfg.router.drain_timeout_s)
+        if not clean:
+            log.warning("drain timeout: connections were cut off")
+        await self.autoscaler.stop()
+        await self.target.close()
+        await self.router.close()
+        await self.admin.close()
+
+
+async def wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False) -> int:
+    rt = Runtime(cfg, base_dir)
+    await rt.start()
+    host = cfg.router.listen_addr[0]
+    print(f"mlfe: scoring on http://{host}:{rt.router.port}, admin on "
+          f"http://{cfg.router.admin_addr[0]}:{rt.admin.port}", flush=True)
+    status_task = None
+    if friendly:
+        from deploy.up import print_welcome, status_line_loop
+
+        print_welcome(rt)
+        status_task = asyncio.create_task(status_line_loop(rt), name="status line")
+    try:
+        await wait_for_signal()
+    finally:
+        if status_task is not None:
+            status_task.cancel()
+        await rt.stop()
+    return 0
+
+
+def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False) -> int:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = load_config(config_path)
+        check_supported(cfg)
+    except ConfigError as e:
+        print(f"mlfe: {e}", file=sys.stderr)
+        return 2
+    # Relative paths in a config (entry scripts, model dirs) are relative to the config file.
+    base_dir = Path(config_path).resolve().parent
+    try:
+        return uvloop.run(serve(cfg, base_dir, friendly))
+    except OSError as e:
+        print(f"mlfe: cannot listen: {e.strerror}", file=sys.stderr)
+        return 1
