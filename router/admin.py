@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from deploy.config import ConfigError, VersionConfig
 from router.keystore import atomic_write
 
 if TYPE_CHECKING:
@@ -73,10 +74,20 @@ class AdminApi:
     def __init__(self, router: Router, token: str) -> None:
         self._router = router
         self.app = web.Application(middlewares=[_auth_middleware(token)])
-        self.app.router.add_get("/v1/stats", self.stats)
-        self.app.router.add_get("/v1/services", self.list_services)
-        self.app.router.add_get("/v1/services/{name}", self.get_service)
-        self.app.router.add_get("/v1/services/{name}/keys", self.get_keys)
+        add = self.app.router
+        add.add_get("/v1/stats", self.stats)
+        add.add_get("/v1/services", self.list_services)
+        add.add_get("/v1/services/{name}", self.get_service)
+        add.add_get("/v1/endpoints", self.list_endpoints)
+        add.add_get("/v1/endpoints/{name}", self.get_endpoint)
+        for kind in ("services", "endpoints"):
+            add.add_get(f"/v1/{kind}/{{name}}/keys", self.get_keys)
+            add.add_post(f"/v1/{kind}/{{name}}/regen-key", self.regen_key)
+        version = "/v1/endpoints/{name}/versions/{version}"
+        add.add_get(version, self.get_version)
+        add.add_put(version, self.put_version)
+        add.add_patch(version, self.patch_version)
+        add.add_delete(version, self.delete_version)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -95,13 +106,14 @@ class AdminApi:
 
     # ---- handlers -------------------------------------------------------------------------
 
-    def _service_or_404(self, request: web.Request) -> str:
+    def _owner_or_404(self, request: web.Request) -> str:
+        """The service or endpoint a /v1/services/... or /v1/endpoints/... route names."""
         name = request.match_info["name"]
-        if name not in self._router.services:
-            raise web.HTTPNotFound(
-                body=orjson.dumps({"message": f"Service {name} not found"}),
-                content_type="application/json",
-            )
+        if request.path.startswith("/v1/services/"):
+            if name not in self._router.services:
+                raise _not_found(f"Service {name}")
+        elif name not in self._router.endpoints:
+            raise _not_found(f"Endpoint {name}")
         return name
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -113,11 +125,148 @@ class AdminApi:
         )
 
     async def get_service(self, request: web.Request) -> web.Response:
-        return json_response(self._router.describe(self._service_or_404(request)))
+        return json_response(self._router.describe(self._owner_or_404(request)))
+
+    async def list_endpoints(self, request: web.Request) -> web.Response:
+        return json_response(
+            {"endpoints": [self._describe_endpoint(n) for n in self._router.endpoints]}
+        )
+
+    async def get_endpoint(self, request: web.Request) -> web.Response:
+        return json_response(self._describe_endpoint(self._owner_or_404(request)))
+
+    def _describe_endpoint(self, name: str) -> dict[str, Any]:
+        ep = self._router.endpoints[name]
+        shares = ep.split.shares()
+        return {
+            "name": name,
+            "scoringUri": self._router.scoring_uri(f"endpoint/{name}"),
+            "authEnabled": ep.cfg.auth_enabled,
+            "tokenAuthEnabled": ep.cfg.token_auth_enabled,
+            "defaultVersion": ep.cfg.default_version,
+            "versions": {v: _version_json(vc, shares.get(v, 0.0))
+                         for v, vc in ep.cfg.versions.items()},
+        }
 
     async def get_keys(self, request: web.Request) -> web.Response:
-        name = self._service_or_404(request)
+        name = self._owner_or_404(request)
         keys = self._router.keys.get(name)
         if keys is None:
-            return json_error(404, f"Service {name} has no keys (auth_enabled is false)")
+            return json_error(404, f"{name} has no keys (auth_enabled is false)")
         return json_response({"primaryKey": keys[0], "secondaryKey": keys[1]})
+
+    async def regen_key(self, request: web.Request) -> web.Response:
+        name = self._owner_or_404(request)
+        body = await _json_body(request)
+        key_type = body.get("keyType")
+        if key_type not in ("Primary", "Secondary"):
+            return json_error(400, "keyType must be 'Primary' or 'Secondary'")
+        primary, secondary = self._router.keys.regenerate(name, key_type)  # persisted first
+        self._router.refresh_auth(name)
+        log.info("%s: %s key regenerated", name, key_type.lower())
+        return json_response({"primaryKey": primary, "secondaryKey": secondary})
+
+    def _version_or_404(self, request: web.Request) -> tuple[str, str]:
+        name = self._owner_or_404(request)
+        version = request.match_info["version"]
+        if version not in self._router.endpoints[name].cfg.versions:
+            raise _not_found(f"Version {version} of endpoint {name}")
+        return name, version
+
+    async def get_version(self, request: web.Request) -> web.Response:
+        name, version = self._version_or_404(request)
+        ep = self._router.endpoints[name]
+        vc = ep.cfg.versions[version]
+        return json_response(_version_json(vc, ep.split.shares().get(version, 0.0)))
+
+    async def put_version(self, request: web.Request) -> web.Response:
+        name = self._owner_or_404(request)
+        version = request.match_info["version"]
+        fields = _version_fields(await _json_body(request))
+        return self._change_version(name, version, fields, replace=True)
+
+    async def patch_version(self, request: web.Request) -> web.Response:
+        name, version = self._version_or_404(request)
+        fields = _version_fields(await _json_body(request))
+        return self._change_version(name, version, fields, replace=False)
+
+    async def delete_version(self, request: web.Request) -> web.Response:
+        name, version = self._version_or_404(request)
+
+        def mutate(endpoints: dict[str, Any]) -> None:
+            del endpoints[name]["versions"][version]
+
+        try:
+            self._router.change_endpoints(mutate)
+        except ConfigError as e:
+            return json_error(400, str(e))
+        return web.Response(status=204)
+
+    def _change_version(
+        self, name: str, version: str, fields: dict[str, Any], replace: bool
+    ) -> web.Response:
+        def mutate(endpoints: dict[str, Any]) -> None:
+            versions: dict[str, Any] = endpoints[name]["versions"]
+            entry = {} if replace else dict(versions.get(version, {}))
+            entry.update(fields)
+            versions[version] = entry
+            # azureml: marking one version default (or control) unmarks every other one.
+            for flag in ("is_default", "is_control_version"):
+                if fields.get(flag):
+                    for other, v in versions.items():
+                        if other != version and v.get(flag):
+                            v[flag] = False
+
+        try:
+            self._router.change_endpoints(mutate)
+        except ConfigError as e:
+            return json_error(400, str(e))
+        return json_response(self._describe_endpoint(name))
+
+
+_VERSION_FIELDS = {
+    "service": "service",
+    "trafficPercentile": "traffic_percentile",
+    "isDefault": "is_default",
+    "isControlVersion": "is_control_version",
+}
+
+
+def _version_fields(body: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(body) - set(_VERSION_FIELDS))
+    if unknown:
+        raise web.HTTPBadRequest(
+            body=orjson.dumps({"message": f"unknown fields: {', '.join(unknown)} "
+                               f"(expected {', '.join(_VERSION_FIELDS)})"}),
+            content_type="application/json",
+        )
+    return {_VERSION_FIELDS[k]: v for k, v in body.items()}
+
+
+def _version_json(vc: VersionConfig, share: float) -> dict[str, Any]:
+    return {
+        "service": vc.service,
+        "trafficPercentile": vc.traffic_percentile,
+        "isDefault": vc.is_default,
+        "isControlVersion": vc.is_control_version,
+        "effectiveTrafficPercentile": share,
+    }
+
+
+def _not_found(what: str) -> web.HTTPNotFound:
+    return web.HTTPNotFound(
+        body=orjson.dumps({"message": f"{what} not found"}), content_type="application/json"
+    )
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(
+            body=orjson.dumps({"message": "the body must be a JSON object"}),
+            content_type="application/json",
+        )
+    return body

@@ -6,6 +6,7 @@ never leaves half a key file and no other user can read it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -48,12 +49,19 @@ class KeyStore:
             self._keys = loaded
 
     def ensure(self, name: str, primary: str | None, secondary: str | None) -> tuple[str, str]:
-        """Keys for `name`: config values win, else the stored ones, else new ones (stored)."""
+        """Keys for `name`. A key set in config is taken when it is new or changed there;
+        otherwise the stored key stays (it may have been regenerated since); a missing key is
+        generated. Whatever changed is stored before it is used."""
         stored = self._keys.get(name, {})
-        keys = {
-            "primaryKey": primary or stored.get("primaryKey") or generate_key(),
-            "secondaryKey": secondary or stored.get("secondaryKey") or generate_key(),
-        }
+        keys = dict(stored)
+        for field, given in (("primaryKey", primary), ("secondaryKey", secondary)):
+            source = field + "FromConfig"  # a digest of the config value last taken
+            if given is not None:
+                digest = hashlib.sha256(given.encode()).hexdigest()
+                if stored.get(source) != digest:
+                    keys[field], keys[source] = given, digest
+            if not keys.get(field):
+                keys[field] = generate_key()
         if keys != stored:
             self._keys[name] = keys
             self._save()

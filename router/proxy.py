@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import TYPE_CHECKING
 
 from router import errors, routing
@@ -18,6 +19,7 @@ from router.admission import Rejection, Replica, Waiter
 from router.http_server import Exchange
 from router.requestid import new_request_id, valid_client_request_id
 from router.routing import Route, RouteKind
+from router.traffic import pick_version
 from router.upstream import ReplicaConnections, UpstreamConnection, UpstreamFailure
 
 if TYPE_CHECKING:
@@ -43,9 +45,11 @@ _NOT_FORWARDED = frozenset(
         b"x-request-id",
         b"x-ms-request-id",
         b"x-ms-client-request-id",
+        b"azureml-model-deployment",
     }
 )
 _JSON = b"content-type: application/json\r\n"
+_HEALTH = (RouteKind.HEALTHY, RouteKind.READY)
 # A request body up to this size is kept until the response starts, so a request that met a
 # stale keep-alive connection (closed by the replica while idle) can be sent again once.
 REPLAY_LIMIT = 64 * 1024
@@ -57,6 +61,8 @@ class ScoringHandler:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.routes: dict[bytes, Route] = routing.build_routes({})
+        self.endpoint_names: frozenset[str] = frozenset()
+        self.rand = random.random
         self.draining = False
         self.in_progress = 0  # forwards not yet finished (what a graceful drain waits for)
 
@@ -65,22 +71,20 @@ class ScoringHandler:
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
         route = self.routes.get(path)
-        if route is not None and route.service is None:
+        if route is not None and route.kind in _HEALTH:
             self._health(ex, route.kind)
             return
         rid = new_request_id().encode()
         ids = b"x-ms-request-id: " + rid + b"\r\nx-request-id: " + rid + b"\r\n"
         if route is None:
-            ex.respond_error(routing.not_found(path), ids)
+            ex.respond_error(routing.not_found(path, self.endpoint_names), ids)
             return
         if ex.method not in route.methods:
             ex.respond_error(errors.method_not_allowed(route.allow), ids)
             return
-        svc = route.service
-        assert svc is not None
 
         # One pass over the headers: the credential, the client's id, and what is forwarded.
-        authorization = client_id = None
+        authorization = client_id = pinned = None
         parts: list[bytes] = []
         for name, value in ex.headers:
             if name in _NOT_FORWARDED:
@@ -88,14 +92,36 @@ class ScoringHandler:
                     authorization = value
                 elif name == b"x-ms-client-request-id" and valid_client_request_id(value):
                     client_id = b"x-ms-client-request-id: " + value + b"\r\n"
+                elif name == b"azureml-model-deployment":
+                    pinned = value
                 continue
             parts += (name, b": ", value, b"\r\n")
-
         if client_id is not None:
             ids += client_id
-        if route.auth and not svc.auth.check(authorization):
-            ex.respond_error(errors.unauthorized(), ids)
-            return
+
+        ep = route.endpoint
+        if ep is None:
+            svc = route.service
+            assert svc is not None
+            if route.auth and not svc.auth.check(authorization):
+                ex.respond_error(errors.unauthorized(), ids)
+                return
+        else:
+            if not ep.auth.check(authorization):
+                ex.respond_error(errors.unauthorized(), ids)
+                return
+            version = route.version
+            if version is None:
+                version = (
+                    pinned.decode("latin-1") if pinned is not None
+                    else pick_version(ep.split, self.rand())
+                )
+            found = ep.services.get(version)
+            if found is None:
+                ex.respond_error(routing.version_not_found(ep.name, version.encode()), ids)
+                return
+            svc = found
+            ids += ep.version_headers[version]
 
         if ex.chunked:
             framing = b"transfer-encoding: chunked\r\n"

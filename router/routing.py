@@ -7,6 +7,7 @@ routes or the new ones, never half of a change.
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -14,11 +15,12 @@ from typing import TYPE_CHECKING
 from router import errors
 
 if TYPE_CHECKING:
-    from router.services import Service
+    from router.services import Endpoint, Service
 
 
 class RouteKind(Enum):
     SCORE = "score"
+    ENDPOINT = "endpoint"
     SWAGGER = "swagger"
     HEALTHY = "healthy"
     READY = "ready"
@@ -32,6 +34,8 @@ SWAGGER_METHODS = frozenset({b"GET"})
 class Route:
     kind: RouteKind
     service: Service | None = None
+    endpoint: Endpoint | None = None
+    version: str | None = None  # pinned by the URL
     upstream_path: bytes = b""
     methods: frozenset[bytes] = frozenset()
     allow: bytes = b""
@@ -44,29 +48,60 @@ _HEALTH_ROUTES = {
 }
 
 
-def build_routes(services: dict[str, Service]) -> dict[bytes, Route]:
+def build_routes(
+    services: dict[str, Service], endpoints: dict[str, Endpoint] | None = None
+) -> dict[bytes, Route]:
     routes = dict(_HEALTH_ROUTES)
+    for name, ep in (endpoints or {}).items():
+        base = f"/api/v1/endpoint/{name}".encode()
+        allow = b"GET, POST, OPTIONS"
+        routes[base + b"/score"] = Route(
+            RouteKind.ENDPOINT, endpoint=ep, methods=SCORE_METHODS, allow=allow,
+            upstream_path=b"/score",
+        )
+        for version in ep.services:
+            routes[base + b"/" + version.encode() + b"/score"] = Route(
+                RouteKind.ENDPOINT, endpoint=ep, version=version, methods=SCORE_METHODS,
+                allow=allow, upstream_path=b"/score",
+            )
     for name, svc in services.items():
         base = f"/api/v1/service/{name}".encode()
         routes[base + b"/score"] = Route(
-            RouteKind.SCORE, svc, b"/score", SCORE_METHODS, b"GET, POST, OPTIONS"
+            RouteKind.SCORE, service=svc, upstream_path=b"/score", methods=SCORE_METHODS,
+            allow=b"GET, POST, OPTIONS",
         )
         # azureml serves the swagger document without auth.
         routes[base + b"/swagger.json"] = Route(
-            RouteKind.SWAGGER, svc, b"/swagger.json", SWAGGER_METHODS, b"GET", auth=False
+            RouteKind.SWAGGER, service=svc, upstream_path=b"/swagger.json",
+            methods=SWAGGER_METHODS, allow=b"GET", auth=False,
         )
     return routes
 
 
 _SERVICE_PATH = re.compile(rb"^/api/v1/service/([^/]+)/(score|swagger\.json)$")
+_ENDPOINT_PATH = re.compile(rb"^/api/v1/endpoint/([^/]+)/(?:([^/]+)/)?score$")
 
 
-def not_found(path: bytes) -> errors.RouterError:
+def _safe(name: bytes) -> str | None:
+    text = name[:64].decode("ascii", "replace")
+    return text if text.isprintable() else None
+
+
+def not_found(path: bytes, endpoints: Container[str] = ()) -> errors.RouterError:
     """A 404 that names what was not found (never echoing more than a short, safe name)."""
     m = _SERVICE_PATH.match(path)
     if m is not None:
-        name = m.group(1)[:64].decode("ascii", "replace")
-        if name.isprintable():
-            return errors.not_found(f"Service {name}")
-        return errors.not_found("Service")
+        name = _safe(m.group(1))
+        return errors.not_found(f"Service {name}" if name else "Service")
+    m = _ENDPOINT_PATH.match(path)
+    if m is not None:
+        name = _safe(m.group(1))
+        if m.group(2) is None or name is None or name not in endpoints:
+            return errors.not_found(f"Endpoint {name}" if name else "Endpoint")
+        return version_not_found(name, m.group(2))
     return errors.not_found("Path")
+
+
+def version_not_found(endpoint: str, version: bytes) -> errors.RouterError:
+    v = _safe(version)
+    return errors.not_found(f"Version {v} of endpoint {endpoint}" if v else "Version")

@@ -13,13 +13,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from deploy.config import ConfigError, MlfeConfig, ServiceConfig
+import orjson
+
+from deploy.config import AuthSettings, ConfigError, MlfeConfig, parse_config
 from router.auth import KeyAuth, NoAuth
 from router.http_server import HttpServerProtocol, Limits
-from router.keystore import KeyStore
+from router.keystore import KeyStore, atomic_write
 from router.proxy import ScoringHandler
 from router.routing import build_routes
-from router.services import Service
+from router.services import Endpoint, Service
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +44,11 @@ def check_supported(cfg: MlfeConfig) -> None:
     for name, svc in cfg.services.items():
         if svc.kubernetes is not None or svc.synthetic is not None:
             problems.append(
-                f"services.{name}: only 'upstreams' and 'entry_script' replicas are supported so far"
+                f"services.{name}: only 'upstreams' and 'entry_script' replicas "
+                "are supported so far"
             )
         if svc.token_auth_enabled:
             problems.append(f"services.{name}.token_auth_enabled: token auth is not supported yet")
-    if cfg.endpoints:
-        problems.append("endpoints: endpoints are not supported yet")
     if cfg.router.tls is not None:
         problems.append("router.tls: TLS termination is not supported yet")
     if cfg.router.token_issuers:
@@ -74,14 +75,31 @@ class ConnectionSet(set[HttpServerProtocol]):
             await self._empty.wait()
 
 
+ENDPOINTS_FILE = "endpoints.json"
+
+
+def with_persisted_endpoints(cfg: MlfeConfig) -> MlfeConfig:
+    """Endpoints changed through the admin API are kept in the state dir and win over the
+    config file's `endpoints` section (they are the newer truth)."""
+    path = cfg.router.state_dir / ENDPOINTS_FILE
+    if not path.exists():
+        return cfg
+    data = cfg.model_dump(mode="json", exclude_unset=True)
+    data["endpoints"] = orjson.loads(path.read_bytes())
+    log.info("endpoints from %s (changed through the admin API)", path)
+    return parse_config(data, str(path))
+
+
 class Router:
     def __init__(self, cfg: MlfeConfig, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = with_persisted_endpoints(cfg)
         check_supported(cfg)
         self.cfg = cfg
         self._loop = loop
         self.handler = ScoringHandler(loop)
         self.keys = KeyStore(cfg.router.state_dir)
         self.services: dict[str, Service] = {}
+        self.endpoints: dict[str, Endpoint] = {}
         self._limits = limits_from(cfg)
         self._connections = ConnectionSet()
         self._server: asyncio.Server | None = None
@@ -90,13 +108,30 @@ class Router:
         # What the co-located autoscaler last decided, per service (set by the runtime).
         self.scaling_status: Callable[[str], dict[str, Any]] = lambda name: {}
 
-    def _auth_for(self, name: str, svc: ServiceConfig) -> KeyAuth | NoAuth:
-        if not svc.auth_enabled:
+    def _auth_for(self, name: str, owner: AuthSettings) -> KeyAuth | NoAuth:
+        if not owner.auth_enabled:
             return NoAuth()
-        return KeyAuth(*self.keys.ensure(name, svc.primary_key, svc.secondary_key))
+        return KeyAuth(*self.keys.ensure(name, owner.primary_key, owner.secondary_key))
+
+    def refresh_auth(self, name: str) -> None:
+        """Keys of `name` (a service or an endpoint) changed in the key store: use them now."""
+        if name in self.services:
+            svc = self.services[name]
+            svc.auth = self._auth_for(name, svc.cfg)
+        elif name in self.endpoints:
+            self._build_endpoints(self.cfg)
+
+    def _build_endpoints(self, cfg: MlfeConfig) -> None:
+        self.endpoints = {
+            name: Endpoint(name, ep, self._auth_for(name, ep), self.services)
+            for name, ep in cfg.endpoints.items()
+        }
+        self.handler.endpoint_names = frozenset(self.endpoints)
+        self.handler.routes = build_routes(self.services, self.endpoints)
 
     def apply(self, cfg: MlfeConfig) -> None:
-        """Make the live services match `cfg`; the routing table is swapped in one step."""
+        """Make the live services and endpoints match `cfg`; the routing table is swapped in
+        one step, so no request sees half a change."""
         check_supported(cfg)
         services = dict(self.services)
         for name in list(services):
@@ -112,8 +147,21 @@ class Router:
             if scfg.upstreams is not None:
                 svc.set_replicas(scfg.upstreams)
         self.services = services
-        self.handler.routes = build_routes(services)
+        self._build_endpoints(cfg)
         self.cfg = cfg
+
+    def change_endpoints(self, mutate: Callable[[dict[str, Any]], None]) -> None:
+        """Apply an admin change to the endpoints: validated whole (ConfigError names what is
+        wrong, and nothing changes), persisted, then swapped into the live routing table."""
+        data = self.cfg.model_dump(mode="json", exclude_unset=True)
+        endpoints: dict[str, Any] = data.setdefault("endpoints", {})
+        mutate(endpoints)
+        new = parse_config(data, "change")
+        atomic_write(
+            self.cfg.router.state_dir / ENDPOINTS_FILE,
+            orjson.dumps(endpoints, option=orjson.OPT_INDENT_2),
+        )
+        self.apply(new)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per service: what the autoscaler reads (DESIGN §7), plus what it decided."""
@@ -131,6 +179,10 @@ class Router:
                 **self.scaling_status(name),
             }
         return out
+
+    def scoring_uri(self, path: str) -> str:
+        host, _ = self.cfg.router.listen_addr
+        return f"http://{host}:{self.port}/api/v1/{path}/score"
 
     def describe(self, name: str) -> dict[str, Any]:
         svc = self.services[name]

@@ -10,10 +10,11 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from deploy.config import ServiceConfig, parse_hostport
+from deploy.config import EndpointConfig, ServiceConfig, parse_hostport
 from router.admission import Handoff, Replica, ServicePool
 from router.auth import KeyAuth, NoAuth
 from router.probe import probe_http
+from router.traffic import build_split
 from router.upstream import ReplicaConnections
 
 log = logging.getLogger(__name__)
@@ -137,3 +138,26 @@ class Service:
             self.expiry.cancel()
         for replica in list(self.pool.replicas):
             self.remove_replica(replica)
+
+
+class Endpoint:
+    """An endpoint's live routing: its versions' services, traffic split and credentials.
+    Immutable once built; a change builds a new one and swaps the routing table."""
+
+    __slots__ = ("auth", "cfg", "name", "services", "split", "version_headers")
+
+    def __init__(
+        self,
+        name: str,
+        cfg: EndpointConfig,
+        auth: KeyAuth | NoAuth,
+        services: dict[str, Service],
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.auth = auth
+        self.services = {v: services[vc.service] for v, vc in cfg.versions.items()}
+        self.split = build_split(cfg)
+        self.version_headers = {
+            v: b"azureml-model-deployment: " + v.encode() + b"\r\n" for v in cfg.versions
+        }

@@ -14,8 +14,10 @@ nginx both forward it), so one process serves every case and a test names what i
     ?mode=garbage           reply with bytes that are not HTTP
     ?mode=badstatus         reply with a status line whose code is not a number
     ?mode=badcl             reply with a Content-Length that is not a number
-    ?mode=badchunk          reply 200 chunked, then a chunk whose size is not hex
+    ?mode=badchunk          reply 200 chunked and one chunk, then a chunk whose size is not hex
     ?mode=truncated         reply 200 with Content-Length 100, send 10 bytes, close
+        (both with &hold=TOKEN: after the first part, wait for `GET /release?token=TOKEN`,
+        so a test can see the head reach the client before the reply breaks off)
     ?mode=chunked&pieces=3,5,0x10&trailer=1
                             reply 200 chunked with pieces of those sizes (ASCII digits
                             '0'..'9' repeating), a chunk extension, optionally a trailer
@@ -27,7 +29,8 @@ nginx both forward it), so one process serves every case and a test names what i
     ?mode=early             reply 200 after the head, without reading the body, then close
 
 `GET /` answers `Healthy` (what probes ask); `GET /stats` answers counters as JSON (requests,
-in-flight now and at most, connections, huge_sent).
+in-flight now and at most, connections, huge_sent); `GET /release?token=T` lets a held reply
+go on.
 """
 
 from __future__ import annotations
@@ -59,6 +62,17 @@ class Stats:
 
 
 STATS = Stats()
+RELEASES: dict[str, asyncio.Event] = {}
+
+
+def _release_event(token: str) -> asyncio.Event:
+    return RELEASES.setdefault(token, asyncio.Event())
+
+
+async def _hold(query: dict[str, str]) -> None:
+    token = query.get("hold")
+    if token:
+        await _release_event(token).wait()
 
 
 class BadRequest(Exception):
@@ -169,6 +183,10 @@ async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
     if method == "GET" and url.path == "/stats":
         writer.write(_response("200 OK", STATS.as_json()))
         return keep
+    if method == "GET" and url.path == "/release":
+        _release_event(query.get("token", "")).set()
+        writer.write(_response("200 OK", b"{}"))
+        return keep
 
     STATS.requests += 1
     if mode == "close":
@@ -205,11 +223,16 @@ async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\nhello")
         elif mode == "badchunk":
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-                         b"5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n")
+                         b"5\r\nhello\r\n")
+            await writer.drain()
+            await _hold(query)
+            writer.write(b"zz\r\nworld\r\n0\r\n\r\n")
             await writer.drain()
             await reader.read()  # the router must give up on us
         elif mode == "truncated":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+            await writer.drain()
+            await _hold(query)
         elif mode == "chunked":
             pieces = [int(p, 0) for p in query.get("pieces", "3,5,16").split(",")]
             out = [b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"

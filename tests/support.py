@@ -302,3 +302,41 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def post_many(
+    port: int, path: str, n: int, headers: Mapping[str, str], body: bytes = b'{"data": [1]}',
+    concurrency: int = 32, on_response: Callable[[int, dict[str, str]], None] | None = None,
+) -> list[int]:
+    """`n` keep-alive POSTs over `concurrency` raw connections (httpx is too slow to send
+    10,000 requests quickly); returns the statuses. Responses must carry Content-Length."""
+    import asyncio
+
+    head = (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    statuses: list[int] = []
+
+    async def worker(count: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(count):
+                writer.write(head)
+                raw = await reader.readuntil(b"\r\n\r\n")
+                lines = raw.decode("latin-1").split("\r\n")
+                status = int(lines[0].split(" ", 2)[1])
+                hdrs = {}
+                for line in lines[1:]:
+                    if line:
+                        k, _, v = line.partition(":")
+                        hdrs[k.strip().lower()] = v.strip()
+                await reader.readexactly(int(hdrs.get("content-length", "0")))
+                statuses.append(status)
+                if on_response is not None:
+                    on_response(status, hdrs)
+        finally:
+            writer.close()
+
+    per, extra = divmod(n, concurrency)
+    await asyncio.gather(*(worker(per + (i < extra)) for i in range(concurrency)))
+    return statuses

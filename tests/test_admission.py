@@ -133,7 +133,6 @@ def test_all_down_refuses_with_no_replicas() -> None:
 
 def test_removed_replica_finishes_in_flight_without_new_work() -> None:
     p, rec = pool(cap=1, replicas=2), Recorder()
-    r0, r1 = p.replicas
     a = admit(p, rec, "a", 0.0)
     assert isinstance(a, Replica)
     p.remove(a)

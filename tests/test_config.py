@@ -111,5 +111,5 @@ def test_router_refuses_unsupported_sources_by_name(tmp_path: Path) -> None:
     from router.server import check_supported
 
     cfg = parse_config({"services": {"svc": {"kubernetes": {"namespace": "a", "deployment": "b"}}}})
-    with pytest.raises(ConfigError, match="services.svc"):
+    with pytest.raises(ConfigError, match=r"services\.svc"):
         check_supported(cfg)

@@ -49,7 +49,7 @@ Response = tuple[int, dict[str, str], bytes]
 # leaked slot makes the next request wait) has a service of its own, all on one fake replica.
 SERVICES = (
     "echo", "keepalive", "pipe", "pipe-bad", "cont", "chunks", "smuggle", "limits",
-    "slow", "bad", "closer", "resetter", "cut",
+    "slow", "drip", "bad", "closer", "resetter", "cut",
 )
 
 
@@ -131,10 +131,19 @@ def outcome(port: int, raw: bytes, timeout: float = 5.0,
         return status, closed_soon(s)
 
 
-def fake_stats(fake: Proc) -> dict:
+def is_router(p: Proc) -> bool:
+    return "config_path" in p.extra
+
+
+def fake_get(fake: Proc, target: str) -> dict:
     with raw_conn(fake.port) as s:
-        s.sendall(b"GET /stats HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n")
-        return json.loads(Reader(s).response()[2])
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n".encode())
+        info: dict = json.loads(Reader(s).response()[2])
+        return info
+
+
+def fake_stats(fake: Proc) -> dict:
+    return fake_get(fake, "/stats")
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -287,7 +296,7 @@ def test_pipelined_requests_answered_in_order(proxy: Proc) -> None:
             assert info["query"] == f"n={i}"
             assert dict(info["headers"]).get("x-ms-client-request-id") == f"pipe-{i}"
             assert (info["length"], info["sha256"]) == (len(body or b""), sha(body or b""))
-            if proxy.extra.get("config_path"):  # the router echoes the client's id
+            if is_router(proxy):  # the router echoes the client's id
                 assert resp[1]["x-ms-client-request-id"] == f"pipe-{i}"
         # The connection is still in step: one more request, one more answer.
         s.sendall(request(target=path("pipe", "n=last"), body=b"z"))
@@ -351,10 +360,21 @@ def test_expect_100_continue(proxy: Proc) -> None:
         assert "expect" not in {k.lower() for k, _ in info["headers"]}
 
 
+def _after_early_refusal(s: socket.socket, r: Reader, headers: dict[str, str],
+                         body_len: int) -> None:
+    """After a final status sent instead of 100 Continue, the connection must stay in step:
+    either the router says it closes (and does), or it goes on reading the body (RFC 9110
+    10.1.1), which the client then sends, and the next request on it is answered."""
+    if headers.get("connection", "").lower() == "close":
+        assert closed_soon(s)
+        return
+    s.sendall(b"b" * body_len + request(target=path("cont", "n=next"), body=b"next"))
+    assert echo_of(r.response())["query"] == "n=next"
+
+
 def test_expect_100_continue_refused_early_wrong_key(router: Proc) -> None:
-    """A request that fails auth gets its final status without 100 Continue, so the client
-    never sends the body; the router then cannot keep the connection in step (it does not
-    know whether the body will follow), so it closes it, as Go's net/http does."""
+    """A request that fails auth gets its final status at once, without 100 Continue, so
+    the client need not send the body."""
     head = request(target=path("keyed"), body=None, headers=(
         "Authorization: Bearer not-the-key", "Expect: 100-continue", "Content-Length: 5000"))
     with raw_conn(router.port) as s:
@@ -364,8 +384,7 @@ def test_expect_100_continue_refused_early_wrong_key(router: Proc) -> None:
         assert status == 401
         assert headers["www-authenticate"] == "Bearer"
         assert "message" in json.loads(body)
-        assert headers.get("connection", "").lower() == "close"
-        assert closed_soon(s)
+        _after_early_refusal(s, r, headers, 5000)
 
 
 def test_expect_100_continue_refused_early_unknown_service(router: Proc) -> None:
@@ -373,11 +392,11 @@ def test_expect_100_continue_refused_early_unknown_service(router: Proc) -> None
                    headers=("Expect: 100-continue", "Content-Length: 5000"))
     with raw_conn(router.port) as s:
         s.sendall(head)
-        status, headers, body = Reader(s).response()
+        r = Reader(s)
+        status, headers, body = r.response()
         assert status == 404
         assert "no-such-service" in json.loads(body)["message"]
-        assert headers.get("connection", "").lower() == "close"
-        assert closed_soon(s)
+        _after_early_refusal(s, r, headers, 5000)
 
 
 def test_expect_100_continue_with_the_right_key(router: Proc) -> None:
@@ -506,9 +525,11 @@ def test_body_over_limit_by_content_length_refused_early(proxy: Proc, fake: Proc
         s.sendall(head)
         status, _, body = Reader(s).response()
         assert status == 413
-        assert closed_soon(s)
+        # The router closes rather than read a body it refused; nginx keeps the connection
+        # and reads the body to throw it away.
+        assert closed_soon(s) or not is_router(proxy)
     assert fake_stats(fake)["requests"] == before
-    if proxy.extra.get("config_path"):
+    if is_router(proxy):
         assert str(MAX_BODY) in json.loads(body)["message"]
 
 
@@ -518,7 +539,7 @@ def test_body_over_limit_with_expect_gets_413_without_100(proxy: Proc) -> None:
     with raw_conn(proxy.port) as s:
         s.sendall(head)
         assert Reader(s).response()[0] == 413
-        assert closed_soon(s)
+        assert closed_soon(s) or not is_router(proxy)
 
 
 def test_chunked_body_over_limit_gets_413(proxy: Proc) -> None:
@@ -768,7 +789,7 @@ def test_slowloris_headers_closed(proxy: Proc) -> None:
 def test_slow_body_closed(proxy: Proc) -> None:
     """A body that stops arriving: closed after the body timeout (1 s), with 408 or not."""
     with raw_conn(proxy.port) as s:
-        s.sendall(request(target=path("slow"), body=None)[:-2]
+        s.sendall(request(target=path("drip"), body=None)[:-2]
                   + b"Content-Length: 100\r\n\r\n" + b"z" * 10)
         t0 = time.monotonic()
         s.settimeout(BODY_TIMEOUT_S + 4)
@@ -798,8 +819,9 @@ def _router_error(port: int, target: str, body: bytes = b"{}") -> tuple[int, str
 
 
 @pytest.mark.parametrize("mode", ["garbage", "badstatus", "badcl"])
-def test_malformed_replica_reply_is_502(router: Proc, nginx: Proc, mode: str) -> None:
-    assert outcome(nginx.port, request(target=path("bad", f"mode={mode}"), body=b"{}"))[0] == 502
+def test_malformed_replica_reply_is_502(router: Proc, mode: str) -> None:
+    """Better than nginx 1.22, which relays the first two as an HTTP/0.9 reply and the third
+    (Content-Length: -5) as a body ended by close."""
     status, message = _router_error(router.port, path("bad", f"mode={mode}"))
     assert status == 502
     assert message
@@ -832,20 +854,39 @@ def test_replica_not_answering_in_time_is_504(router: Proc) -> None:
 
 
 @pytest.mark.parametrize("mode", ["badchunk", "truncated"])
-def test_replica_breaking_off_mid_response_cuts_the_client(proxy: Proc, mode: str) -> None:
+def test_replica_breaking_off_mid_response_cuts_the_client(proxy: Proc, fake: Proc,
+                                                            mode: str) -> None:
     """The head is out when the replica misbehaves: the client must see an incomplete
     response and a closed connection, never a complete-looking one."""
+    token = f"{mode}-{proxy.port}"
     with raw_conn(proxy.port) as s:
-        s.sendall(request(target=path("cut", f"mode={mode}"), body=b"{}"))
+        s.sendall(request(target=path("cut", f"mode={mode}&hold={token}"), body=b"{}"))
+        r = Reader(s)
+        while b"\r\n\r\n" not in r.buf:  # the head reaches the client first
+            r._fill()
+        fake_get(fake, f"/release?token={token}")
         s.settimeout(5)
-        data = read_until_close(s)
+        data = r.buf + read_until_close(s)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     if b"transfer-encoding: chunked" in head.lower():
+        assert b"hello" in body
         assert not body.endswith(b"0\r\n\r\n")
     else:
         assert b"content-length: 100" in head.lower()
-        assert len(body) < 100
+        assert body == b"0123456789"
+
+
+def test_replica_breaking_off_in_the_first_read_is_502_or_cut(router: Proc) -> None:
+    """Head and a broken chunk in one read: nothing has reached the client yet, so a 502 is
+    possible (nginx 1.22 sends nothing and closes); a complete-looking 200 is not."""
+    with raw_conn(router.port) as s:
+        s.sendall(request(target=path("cut", "mode=badchunk"), body=b"{}"))
+        s.settimeout(5)
+        data = read_until_close(s)
+    if data.startswith(b"HTTP/1.1 502 "):
+        return
+    assert not data.endswith(b"0\r\n\r\n"), data[:300]
 
 
 # ---- flow control ---------------------------------------------------------------------------
