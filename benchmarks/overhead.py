@@ -388,6 +388,7 @@ class Row:
     p50_ms: float | None
     p99_ms: float | None
     cpu_ms_per_1k: float | None
+    others_max: float  # cores' worth of CPU others used during the row's noisiest run
     x_nginx: float | None = None
     added_p50_ms: float | None = None
     added_p99_ms: float | None = None
@@ -418,6 +419,7 @@ def summarise(runs: Sequence[Run], settings: Settings) -> list[Row]:
                     p50_ms=median(r.result.percentiles_ms["50"] for r in ok),
                     p99_ms=median(r.result.percentiles_ms["99"] for r in ok),
                     cpu_ms_per_1k=median(cpu),
+                    others_max=max(others_load(r) for r in mine),
                 )
             nginx_row, direct = group.get("nginx"), group.get("direct")
             for row in group.values():
@@ -433,8 +435,8 @@ def summarise(runs: Sequence[Run], settings: Settings) -> list[Row]:
 
 
 TABLE_HEADERS = ("path", "c", "req/s", "p50 ms", "p99 ms", "x nginx", "+p50 ms", "+p99 ms",
-                 "proxy CPU ms/1k req", "errors")
-TABLE_ALIGN = ("l", "r", "r", "r", "r", "r", "r", "r", "r", "l")
+                 "proxy CPU ms/1k req", "others' CPU", "errors")
+TABLE_ALIGN = ("l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "l")
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -454,6 +456,7 @@ def table(rows: Sequence[Row]) -> str:
             fmt_num(r.added_p50_ms, 3, signed=True),
             fmt_num(r.added_p99_ms, 3, signed=True),
             fmt_num(r.cpu_ms_per_1k, 1),
+            f"{r.others_max:.0%}",
             errors,
         ])
     return markdown_table(TABLE_HEADERS, cells, TABLE_ALIGN)  # type: ignore[arg-type]
@@ -490,14 +493,14 @@ def report(
     ]
     for kind in settings.upstreams:
         mine = [r for r in rows if r.upstream == kind]
-        loads = [others_load(r) for r in runs if r.upstream == kind]
         out += [f"### Upstream: {UPSTREAM_KINDS[kind]}", "", table(mine), ""]
-        if loads:
-            out += [
-                f"Other processes on the machine during these runs: {median(loads):.0%} of a "
-                f"core (median), {max(loads):.0%} at most.",
-                "",
-            ]
+    out += [
+        "x nginx: req/s over nginx's at the same c. +p50/+p99: over direct. Proxy CPU: utime +",
+        "stime of nginx's worker or mlfe's serve process per 1,000 requests. Others' CPU: what",
+        "processes outside the measurement used during the row's noisiest run (% of one core;",
+        "high values mean the row is disturbed by other load on the machine).",
+        "",
+    ]
     out += ["Targets (one mlfe worker, x nginx's proxied req/s):", *verdicts(rows)]
     return "\n".join(out)
 

@@ -73,6 +73,9 @@ class RouterSettings(_Model):
     max_body_bytes: PositiveInt = 100 * 1024 * 1024
     tls: TlsSettings | None = None
     token_issuers: list[TokenIssuer] = Field(default_factory=list)
+    # Tokens the router issues (POST /v1/services/{name}/token): lifetime and clock leeway.
+    token_lifetime_s: PositiveInt = 3600
+    token_leeway_s: Annotated[float, Field(ge=0)] = 30.0
     # Client-side protocol limits (nginx's defaults where it has one).
     max_header_bytes: PositiveInt = 64 * 1024
     max_header_count: PositiveInt = 100

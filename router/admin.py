@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "MLFE_ADMIN_TOKEN"
 ADMIN_TOKEN_FILE = "admin-token"
+JWKS_PATH = "/v1/jwks.json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,6 +62,8 @@ def _auth_middleware(token: str) -> Middleware:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == JWKS_PATH:
+            return await handler(request)  # public keys, for other routers to verify tokens
         presented = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(presented, expected):
             resp = json_error(401, "Unauthorized")
@@ -83,6 +87,8 @@ class AdminApi:
         for kind in ("services", "endpoints"):
             add.add_get(f"/v1/{kind}/{{name}}/keys", self.get_keys)
             add.add_post(f"/v1/{kind}/{{name}}/regen-key", self.regen_key)
+            add.add_post(f"/v1/{kind}/{{name}}/token", self.token)
+        add.add_get(JWKS_PATH, self.jwks)
         version = "/v1/endpoints/{name}/versions/{version}"
         add.add_get(version, self.get_version)
         add.add_put(version, self.put_version)
@@ -165,6 +171,17 @@ class AdminApi:
         self._router.refresh_auth(name)
         log.info("%s: %s key regenerated", name, key_type.lower())
         return json_response({"primaryKey": primary, "secondaryKey": secondary})
+
+    async def token(self, request: web.Request) -> web.Response:
+        name = self._owner_or_404(request)
+        owner = (self._router.services[name].cfg if name in self._router.services
+                 else self._router.endpoints[name].cfg)
+        if not owner.token_auth_enabled:
+            return json_error(400, f"token auth is not enabled for {name}")
+        return json_response(self._router.authority.issue(name, time.time()))
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        return json_response(self._router.authority.jwks())
 
     def _version_or_404(self, request: web.Request) -> tuple[str, str]:
         name = self._owner_or_404(request)

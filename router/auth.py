@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import Protocol
 
 
 class KeyAuth:
@@ -31,3 +32,9 @@ class NoAuth:
 
     def check(self, authorization: bytes | None) -> bool:
         return True
+
+
+class Credentials(Protocol):
+    """What the scoring path asks of a service's or endpoint's auth (keys, tokens or none)."""
+
+    def check(self, authorization: bytes | None) -> bool: ...

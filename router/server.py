@@ -16,12 +16,13 @@ from typing import Any
 import orjson
 
 from deploy.config import AuthSettings, ConfigError, MlfeConfig, parse_config
-from router.auth import KeyAuth, NoAuth
+from router.auth import Credentials, KeyAuth, NoAuth
 from router.http_server import HttpServerProtocol, Limits
 from router.keystore import KeyStore, atomic_write
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service
+from router.tokens import ExternalJwks, SigningKeys, TokenAuth, TokenAuthority, TokenVerifier
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,8 @@ def check_supported(cfg: MlfeConfig) -> None:
                 f"services.{name}: only 'upstreams' and 'entry_script' replicas "
                 "are supported so far"
             )
-        if svc.token_auth_enabled:
-            problems.append(f"services.{name}.token_auth_enabled: token auth is not supported yet")
     if cfg.router.tls is not None:
         problems.append("router.tls: TLS termination is not supported yet")
-    if cfg.router.token_issuers:
-        problems.append("router.token_issuers: token auth is not supported yet")
     if problems:
         raise ConfigError("unsupported configuration:\n  " + "\n  ".join(problems))
 
@@ -98,6 +95,14 @@ class Router:
         self._loop = loop
         self.handler = ScoringHandler(loop)
         self.keys = KeyStore(cfg.router.state_dir)
+        self.authority = TokenAuthority(
+            SigningKeys(cfg.router.state_dir), lifetime_s=cfg.router.token_lifetime_s
+        )
+        try:
+            issuers = [ExternalJwks.from_config(i) for i in cfg.router.token_issuers]
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"router.token_issuers: {e}") from None
+        self.tokens = TokenVerifier(self.authority, issuers, leeway_s=cfg.router.token_leeway_s)
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._limits = limits_from(cfg)
@@ -108,7 +113,9 @@ class Router:
         # What the co-located autoscaler last decided, per service (set by the runtime).
         self.scaling_status: Callable[[str], dict[str, Any]] = lambda name: {}
 
-    def _auth_for(self, name: str, owner: AuthSettings) -> KeyAuth | NoAuth:
+    def _auth_for(self, name: str, owner: AuthSettings) -> Credentials:
+        if owner.token_auth_enabled:
+            return TokenAuth(self.tokens, name)
         if not owner.auth_enabled:
             return NoAuth()
         return KeyAuth(*self.keys.ensure(name, owner.primary_key, owner.secondary_key))
@@ -204,6 +211,7 @@ class Router:
         }
 
     async def start(self) -> None:
+        await self.tokens.refresh_all()
         self.apply(self.cfg)
         host, port = self.cfg.router.listen_addr
         handler, limits, loop, conns = self.handler, self._limits, self._loop, self._connections
@@ -256,6 +264,7 @@ class Router:
                 await self._sweeper
         for svc in self.services.values():
             svc.close()
+        await self.tokens.aclose()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from deploy.config import EndpointConfig, ServiceConfig, parse_hostport
 from router.admission import Handoff, Replica, ServicePool
-from router.auth import KeyAuth, NoAuth
+from router.auth import Credentials
 from router.probe import probe_http
 from router.traffic import build_split
 from router.upstream import ReplicaConnections
@@ -30,7 +30,7 @@ def grant_all(handoffs: Iterable[Handoff]) -> None:
 
 
 class Service:
-    def __init__(self, name: str, cfg: ServiceConfig, auth: KeyAuth | NoAuth) -> None:
+    def __init__(self, name: str, cfg: ServiceConfig, auth: Credentials) -> None:
         self.name = name
         self.cfg = cfg
         self.auth = auth
@@ -47,7 +47,7 @@ class Service:
 
     # ---- configuration ---------------------------------------------------------------------
 
-    def reconfigure(self, cfg: ServiceConfig, auth: KeyAuth | NoAuth) -> None:
+    def reconfigure(self, cfg: ServiceConfig, auth: Credentials) -> None:
         self.cfg = cfg
         self.auth = auth
         self.timeout_s = cfg.scoring_timeout_ms / 1000
@@ -150,7 +150,7 @@ class Endpoint:
         self,
         name: str,
         cfg: EndpointConfig,
-        auth: KeyAuth | NoAuth,
+        auth: Credentials,
         services: dict[str, Service],
     ) -> None:
         self.name = name

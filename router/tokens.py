@@ -267,8 +267,8 @@ class TokenAuthority:
         issuer: str = DEFAULT_ISSUER,
         lifetime_s: int = DEFAULT_LIFETIME_S,
     ) -> None:
-        if lifetime_s < 60:
-            raise ValueError(f"token lifetime {lifetime_s} s: at least 60 s")
+        if lifetime_s < 1:
+            raise ValueError(f"token lifetime {lifetime_s} s: at least 1 s")
         self.keys = keys
         self.issuer = issuer
         self.lifetime_s = lifetime_s
