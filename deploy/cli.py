@@ -25,6 +25,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML configuration file")
 
 
+def _add_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("cert", help="write a TLS certificate and key for the scoring port")
+    p.add_argument("--self-signed", action="store_true", required=True,
+                   help="a self-signed development certificate (the only kind so far)")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="DNS name or IP address to certify (repeatable); localhost and "
+                   "127.0.0.1 are always added")
+    p.add_argument("--out-dir", default=".mlfe/tls", help="where cert.pem and key.pem go")
+    p.add_argument("--days", type=int, default=365, help="validity in days")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlfe", description=__doc__)
     parser.add_argument(
@@ -34,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_score_server(sub)
+    _add_cert(sub)
+    from deploy.admin_client import add_admin_commands
+    add_admin_commands(sub)
     return parser
 
 
@@ -50,6 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deploy.runtime import run
 
         return run(args.config, log_level=args.log_level, friendly=args.command == "up")
+    if hasattr(args, "admin_handler"):
+        from deploy.admin_client import run_admin_command
+
+        return run_admin_command(args)
+    if args.command == "cert":
+        from deploy.certs import run_cert
+
+        return run_cert(
+            self_signed_=args.self_signed, hosts=args.host, out_dir=args.out_dir,
+            days=args.days, force=args.force,
+        )
     raise AssertionError(args.command)
 
 

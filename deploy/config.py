@@ -84,6 +84,9 @@ class RouterSettings(_Model):
     keepalive_timeout_s: PositiveFloat = 75.0
     # Graceful shutdown: how long in-flight requests may take to finish after SIGTERM.
     drain_timeout_s: PositiveFloat = 30.0
+    # One line per request on stdout; the format applies to the router's own log too (stderr).
+    access_log: bool = True
+    log_format: Literal["json", "text"] = "json"
 
     @field_validator("listen", "admin_listen")
     @classmethod

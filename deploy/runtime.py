@@ -19,6 +19,7 @@ import uvloop
 from autoscaler.clock import MonotonicClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
+from deploy import logs
 from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
 from deploy.local_target import LocalTarget
 from router.admin import AdminApi, admin_token
@@ -121,15 +122,14 @@ async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False) -> int:
 
 
 def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False) -> int:
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(log_level)
     try:
         cfg = load_config(config_path)
         check_supported(cfg)
     except ConfigError as e:
         print(f"mlfe: {e}", file=sys.stderr)
         return 2
+    logs.configure(log_level, cfg.router.log_format)
     # Relative paths in a config (entry scripts, model dirs) are relative to the config file.
     base_dir = Path(config_path).resolve().parent
     try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from deploy.config import ConfigError, VersionConfig
 from router.keystore import atomic_write
@@ -89,6 +90,7 @@ class AdminApi:
             add.add_post(f"/v1/{kind}/{{name}}/regen-key", self.regen_key)
             add.add_post(f"/v1/{kind}/{{name}}/token", self.token)
         add.add_get(JWKS_PATH, self.jwks)
+        add.add_get("/metrics", self.metrics)
         version = "/v1/endpoints/{name}/versions/{version}"
         add.add_get(version, self.get_version)
         add.add_put(version, self.put_version)
@@ -179,6 +181,10 @@ class AdminApi:
         if not owner.token_auth_enabled:
             return json_error(400, f"token auth is not enabled for {name}")
         return json_response(self._router.authority.issue(name, time.time()))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self._router.metrics),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def jwks(self, request: web.Request) -> web.Response:
         return json_response(self._router.authority.jwks())

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from router import errors, routing
+from router.accesslog import AccessLog
 from router.admission import Rejection, Replica, Waiter
 from router.http_server import Exchange
+from router.metrics import UNROUTED
 from router.requestid import new_request_id, valid_client_request_id
 from router.routing import Route, RouteKind
 from router.traffic import pick_version
@@ -58,8 +61,11 @@ _WAITING, _CONNECTING, _SENT, _RESPONDING, _DONE = range(5)
 
 
 class ScoringHandler:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, access_log: AccessLog | None = None
+    ) -> None:
         self._loop = loop
+        self.access_log = access_log or AccessLog(None)
         self.routes: dict[bytes, Route] = routing.build_routes({})
         self.endpoint_names: frozenset[str] = frozenset()
         self.rand = random.random
@@ -74,13 +80,15 @@ class ScoringHandler:
         if route is not None and route.kind in _HEALTH:
             self._health(ex, route.kind)
             return
-        rid = new_request_id().encode()
+        t0 = perf_counter()
+        rid_text = new_request_id()
+        rid = rid_text.encode()
         ids = b"x-ms-request-id: " + rid + b"\r\nx-request-id: " + rid + b"\r\n"
         if route is None:
-            ex.respond_error(routing.not_found(path, self.endpoint_names), ids)
+            self._early(ex, routing.not_found(path, self.endpoint_names), ids, rid_text, t0)
             return
         if ex.method not in route.methods:
-            ex.respond_error(errors.method_not_allowed(route.allow), ids)
+            self._early(ex, errors.method_not_allowed(route.allow), ids, rid_text, t0, route)
             return
 
         # One pass over the headers: the credential, the client's id, and what is forwarded.
@@ -91,37 +99,40 @@ class ScoringHandler:
                 if name == b"authorization":
                     authorization = value
                 elif name == b"x-ms-client-request-id" and valid_client_request_id(value):
-                    client_id = b"x-ms-client-request-id: " + value + b"\r\n"
+                    client_id = value
                 elif name == b"azureml-model-deployment":
                     pinned = value
                 continue
             parts += (name, b": ", value, b"\r\n")
+        client_hdr = b""
         if client_id is not None:
-            ids += client_id
+            client_hdr = b"x-ms-client-request-id: " + client_id + b"\r\n"
+            ids += client_hdr
 
         ep = route.endpoint
         if ep is None:
             svc = route.service
             assert svc is not None
+            version = ""
             if route.auth and not svc.auth.check(authorization):
-                ex.respond_error(errors.unauthorized(), ids)
+                self._early(ex, errors.unauthorized(), ids, rid_text, t0, route, client_id)
                 return
         else:
             if not ep.auth.check(authorization):
-                ex.respond_error(errors.unauthorized(), ids)
+                self._early(ex, errors.unauthorized(), ids, rid_text, t0, route, client_id)
                 return
-            version = route.version
-            if version is None:
-                version = (
-                    pinned.decode("latin-1") if pinned is not None
-                    else pick_version(ep.split, self.rand())
-                )
+            version = route.version or (
+                pinned.decode("latin-1") if pinned is not None
+                else pick_version(ep.split, self.rand())
+            )
             found = ep.services.get(version)
             if found is None:
-                ex.respond_error(routing.version_not_found(ep.name, version.encode()), ids)
+                err = routing.version_not_found(ep.name, version.encode())
+                self._early(ex, err, ids, rid_text, t0, route, client_id)
                 return
             svc = found
             ids += ep.version_headers[version]
+        t_auth = perf_counter()
 
         if ex.chunked:
             framing = b"transfer-encoding: chunked\r\n"
@@ -131,8 +142,8 @@ class ScoringHandler:
             framing = b"content-length: 0\r\n"
         else:
             framing = b""
-        parts += (b"x-request-id: ", rid, b"\r\n", client_id or b"", framing, b"\r\n")
-        Forward(
+        parts += (b"x-request-id: ", rid, b"\r\n", client_hdr, framing, b"\r\n")
+        fwd = Forward(
             self,
             ex,
             svc,
@@ -140,7 +151,71 @@ class ScoringHandler:
             + b" HTTP/1.1\r\nhost: ",
             b"".join(parts),
             ids,
-        ).admit()
+        )
+        fwd.rid = rid_text
+        fwd.client_id = client_id
+        fwd.version = version
+        fwd.t0 = t0
+        fwd.t_auth = t_auth
+        fwd.admit()
+
+    def _early(
+        self,
+        ex: Exchange,
+        err: errors.RouterError,
+        ids: bytes,
+        rid: str,
+        t0: float,
+        route: Route | None = None,
+        client_id: bytes | None = None,
+    ) -> None:
+        """A request refused before admission (404, 405, 401): answered, counted, logged.
+        `ids` already carries the client's id header when there is one."""
+        ex.respond_error(err, ids)
+        svc = route.service if route is not None else None
+        name = svc.name if svc is not None else (
+            route.endpoint.name if route is not None and route.endpoint is not None else "")
+        metrics = svc.metrics if svc is not None else UNROUTED
+        metrics.count("", err.status)
+        total = perf_counter() - t0
+        metrics.total.observe(total)
+        if self.access_log.enabled:
+            self.log(ex, rid, client_id, name, "", None, err.status, t0, 0.0, 0.0, 0.0,
+                     total, None)
+
+    def log(
+        self,
+        ex: Exchange,
+        rid: str,
+        client_id: bytes | None,
+        service: str,
+        version: str,
+        replica: str | None,
+        status: int,
+        t0: float,
+        auth_s: float,
+        queue_s: float,
+        upstream_s: float,
+        total_s: float,
+        error: str | None,
+    ) -> None:
+        self.access_log.write({
+            "time": self.access_log.now(),
+            "requestId": rid,
+            "clientRequestId": None if client_id is None else client_id.decode(),
+            "service": service,
+            "version": version or None,
+            "replica": replica,
+            "method": ex.method.decode("latin-1"),
+            "status": status,
+            "bytesIn": ex.body_bytes,
+            "bytesOut": ex.bytes_out,
+            "authMs": round(auth_s * 1000, 3),
+            "queueMs": round(queue_s * 1000, 3),
+            "upstreamMs": round(upstream_s * 1000, 3),
+            "totalMs": round(total_s * 1000, 3),
+            "error": error,
+        })
 
     def _health(self, ex: Exchange, kind: RouteKind) -> None:
         if ex.method not in (b"GET", b"HEAD"):
@@ -183,8 +258,16 @@ class Forward:
         "_svc",
         "_timer",
         "_waiter",
+        "client_id",
         "ex",
+        "failure",
+        "rid",
+        "t0",
+        "t_auth",
+        "t_dispatch",
         "t_start",
+        "t_upstream_end",
+        "version",
     )
 
     def __init__(
@@ -213,7 +296,13 @@ class Forward:
         self._retried = False
         self._replay: list[bytes] | None = []
         self._replay_bytes = 0
-        self.t_start = handler._loop.time()
+        self.t_start = handler._loop.time()  # admission's clock (the loop's)
+        # Measured on perf_counter (the loop's time is cached per iteration).
+        self.t0 = self.t_auth = self.t_dispatch = self.t_upstream_end = 0.0
+        self.rid = ""
+        self.client_id: bytes | None = None
+        self.version = ""
+        self.failure: str | None = None
         handler.in_progress += 1
         ex.attach(self)
 
@@ -228,8 +317,10 @@ class Forward:
             self._waiter = result
             self._handler.schedule_expiry(svc)
         elif result is Rejection.QUEUE_FULL:
+            self.failure = "queue_full"
             self._fail(errors.overloaded(svc.name))
         else:
+            self.failure = "no_replica"
             self._fail(errors.no_replicas(svc.name))
 
     def _granted(self, replica: Replica) -> None:
@@ -238,10 +329,12 @@ class Forward:
 
     def _expired(self) -> None:
         self._waiter = None
+        self.failure = "queue_timeout"
         self._fail(errors.overloaded(self._svc.name))
 
     def _dispatch(self, replica: Replica) -> None:
         self._replica = replica
+        self.t_dispatch = perf_counter()
         loop = self._handler._loop
         self._timer = loop.call_later(self._svc.timeout_s, self._on_timeout)
         conns = replica.conns
@@ -357,6 +450,7 @@ class Forward:
             self.ex.write(chunk)
 
     def on_response_end(self) -> None:
+        self.t_upstream_end = perf_counter()
         conn = self._conn
         self._conn = None
         if conn is not None:
@@ -411,6 +505,8 @@ class Forward:
     def _upstream_failed(self, failure: UpstreamFailure) -> None:
         if self._state == _DONE:
             return
+        self.t_upstream_end = perf_counter()
+        self.failure = failure.value
         if self._replica is not None and failure is not UpstreamFailure.BAD_RESPONSE and (
             self._state != _RESPONDING
         ):
@@ -420,6 +516,8 @@ class Forward:
     def _on_timeout(self) -> None:
         self._timer = None
         if self._state < _DONE:
+            self.t_upstream_end = perf_counter()
+            self.failure = "timeout"
             self._fail(errors.replica_timeout(self._svc.cfg.scoring_timeout_ms))
 
     def _fail(self, err: errors.RouterError) -> None:
@@ -449,3 +547,38 @@ class Forward:
         if replica is not None:
             self._replica = None
             self._svc.release(replica)
+        self._account(err, replica)
+
+    def _account(self, err: errors.RouterError | None, replica: Replica | None) -> None:
+        """Metrics and the access log line, once per request."""
+        now = perf_counter()
+        ex = self.ex
+        if ex.response_started:
+            status = ex.status
+        elif err is not None and not self._client_gone:
+            status = err.status
+        else:
+            status = 499  # the client left before an answer (nginx's code)
+        m = self._svc.metrics
+        m.count(self.version, status)
+        total = now - self.t0
+        m.total.observe(total)
+        queue = upstream = 0.0
+        if self.t_dispatch:
+            queue = self.t_dispatch - self.t0
+            upstream = (self.t_upstream_end or now) - self.t_dispatch
+            m.queue_wait.observe(queue)
+            m.upstream.observe(upstream)
+        m.routing.observe(max(total - queue - upstream, 0.0))
+        failure = self.failure
+        if failure is not None:
+            if failure in m.rejected:
+                m.rejected[failure] += 1
+            else:
+                m.upstream_errors[failure] += 1
+        handler = self._handler
+        if handler.access_log.enabled:
+            handler.log(ex, self.rid, self.client_id, self._svc.name, self.version,
+                        replica.addr if replica is not None else None, status, self.t0,
+                        self.t_auth - self.t0, queue, upstream, total,
+                        failure or ("client_gone" if self._client_gone else None))

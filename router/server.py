@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 
 from deploy.config import AuthSettings, ConfigError, MlfeConfig, parse_config
+from router.accesslog import AccessLog
 from router.auth import Credentials, KeyAuth, NoAuth
 from router.http_server import HttpServerProtocol, Limits
 from router.keystore import KeyStore, atomic_write
+from router.metrics import RouterCollector
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service
@@ -93,7 +98,9 @@ class Router:
         check_supported(cfg)
         self.cfg = cfg
         self._loop = loop
-        self.handler = ScoringHandler(loop)
+        self.handler = ScoringHandler(
+            loop, AccessLog(sys.stdout.buffer if cfg.router.access_log else None,
+                            cfg.router.log_format))
         self.keys = KeyStore(cfg.router.state_dir)
         self.authority = TokenAuthority(
             SigningKeys(cfg.router.state_dir), lifetime_s=cfg.router.token_lifetime_s
@@ -112,6 +119,12 @@ class Router:
         self.port = 0
         # What the co-located autoscaler last decided, per service (set by the runtime).
         self.scaling_status: Callable[[str], dict[str, Any]] = lambda name: {}
+        # More metric families from parts outside the router (data collection).
+        self.extra_metrics: Callable[[], Iterable[Metric]] = lambda: ()
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.metrics.register(RouterCollector(
+            lambda: self.services, lambda name: self.scaling_status(name),
+            lambda: self.extra_metrics()))
 
     def _auth_for(self, name: str, owner: AuthSettings) -> Credentials:
         if owner.token_auth_enabled:
@@ -265,6 +278,7 @@ class Router:
         for svc in self.services.values():
             svc.close()
         await self.tokens.aclose()
+        self.handler.access_log.flush()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

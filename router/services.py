@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from deploy.config import EndpointConfig, ServiceConfig, parse_hostport
 from router.admission import Handoff, Replica, ServicePool
 from router.auth import Credentials
+from router.metrics import ServiceMetrics
 from router.probe import probe_http
 from router.traffic import build_split
 from router.upstream import ReplicaConnections
@@ -44,6 +45,7 @@ class Service:
         self._drained: dict[Replica, asyncio.Future[None]] = {}  # removed, awaiting in-flight
         self.expiry: asyncio.TimerHandle | None = None  # the queue head's wait deadline
         self.completed = 0  # requests finished (any outcome), for rates
+        self.metrics = ServiceMetrics()
 
     # ---- configuration ---------------------------------------------------------------------
 
