@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -417,14 +418,18 @@ upstream bench_upstream {{
     return http_extra, location
 
 
-def _make_traversable(path: Path, root: Path) -> None:
-    """As root, nginx's workers run as an unprivileged user: let them reach the temp dirs."""
+def _make_traversable(path: Path) -> None:
+    """As root, nginx's workers run as an unprivileged user: let them reach the temp dirs
+    (`path` and each parent below the system temp dir, e.g. the 0700 one mkdtemp made)."""
     if os.geteuid() != 0:
         return
-    for p in (path, *path.parents):
-        p.chmod(p.stat().st_mode | 0o711)
-        if p == root:
+    stop = Path(tempfile.gettempdir()).resolve()
+    for p in (path.resolve(), *path.resolve().parents):
+        if p in (stop, Path("/")):
             break
+        mode = p.stat().st_mode
+        if mode & 0o001 == 0:
+            p.chmod(mode | 0o711)
 
 
 def start_nginx(
@@ -433,13 +438,11 @@ def start_nginx(
     nginx: str,
     prefix: Path,
     conf: str,
-    *,
-    tmp_root: Path,
 ) -> Child:
     """Write `conf` to `prefix`/nginx.conf, check it with `nginx -t`, start nginx in the
     foreground. The caller waits for readiness."""
     prefix.mkdir(parents=True, exist_ok=True)
-    _make_traversable(prefix, tmp_root)
+    _make_traversable(prefix)
     conf_path = prefix / "nginx.conf"
     conf_path.write_text(conf)
     argv = [nginx, "-p", f"{prefix}/", "-c", str(conf_path), "-e", str(prefix / "error.log")]

@@ -187,9 +187,7 @@ def start_upstream(
         conf = render_nginx_conf(
             tmp / "upstream-nginx", listen_port=port, location=nginx_return_location(ANSWER)
         )
-        child = start_nginx(
-            procs, "upstream-nginx", nginx, tmp / "upstream-nginx", conf, tmp_root=tmp
-        )
+        child = start_nginx(procs, "upstream-nginx", nginx, tmp / "upstream-nginx", conf)
         wait_until(answers_200(port, "/"), "the upstream nginx to answer", [child])
         workers = nginx_worker_pids(child)
         return child, port, lambda: workers
@@ -239,7 +237,7 @@ def start_targets(
     conf = render_nginx_conf(
         tmp / "proxy-nginx", listen_port=proxy_port, location=location, http_extra=http_extra
     )
-    proxy = start_nginx(procs, "proxy-nginx", nginx, tmp / "proxy-nginx", conf, tmp_root=tmp)
+    proxy = start_nginx(procs, "proxy-nginx", nginx, tmp / "proxy-nginx", conf)
     # Connections only: check_answer then checks what it answers.
     wait_until(accepts_connections(proxy_port), "the proxy nginx to accept connections", [proxy])
     nginx_workers = nginx_worker_pids(proxy)
@@ -341,6 +339,8 @@ def bench_upstream(
     kind: str, settings: Settings, nginx: str, wrk: str, tmp: Path, body: bytes
 ) -> list[Run]:
     runs: list[Run] = []
+    tmp = tmp / kind  # each upstream kind: its own configs, logs and nginx prefixes
+    tmp.mkdir()
     with Processes(tmp) as procs:
         log(f"[{kind}] starting {UPSTREAM_KINDS[kind]}, nginx proxy and mlfe serve")
         _, upstream_port, upstream_pids = start_upstream(kind, procs, nginx, tmp)

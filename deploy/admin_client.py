@@ -57,8 +57,6 @@ class AdminClient:
             base_url=base_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
-            follow_redirects=False,
-            trust_env=False,  # a loopback admin API is never reached through a proxy
         )
 
     def close(self) -> None:
@@ -71,7 +69,7 @@ class AdminClient:
         self.close()
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """The decoded JSON answer (None for an empty one), or `AdminError`."""
+        """The answer's JSON object (None for an empty answer), or `AdminError`."""
         import httpx
 
         try:
@@ -92,16 +90,19 @@ class AdminClient:
                 f"{method} {self.base_url}{path} failed: {_reason(e)}"
             ) from None
         if resp.status_code >= 400:
-            raise AdminError(_error_message(resp))
+            raise AdminError(_error_message(resp, self.base_url))
         if not resp.content:
             return None
         try:
-            return resp.json()
+            data = resp.json()
         except ValueError:
+            data = None
+        if not isinstance(data, dict):  # every admin API answer is a JSON object
             raise AdminError(
-                f"{method} {path}: the admin API answered {resp.status_code} with a body that "
-                f"is not JSON: {_snippet(resp.text)}"
-            ) from None
+                f"{method} {path}: {self.base_url} answered {resp.status_code} with something "
+                f"other than a JSON object (is it the admin API?): {_snippet(resp.text)}"
+            )
+        return data
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -119,7 +120,7 @@ def _snippet(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(resp: httpx.Response, base_url: str) -> str:
     message: str | None = None
     try:
         data = resp.json()
@@ -128,7 +129,10 @@ def _error_message(resp: httpx.Response) -> str:
     if isinstance(data, dict) and isinstance(data.get("message"), str):
         message = data["message"]
     if message is None:  # not the admin API's {"message": ...} shape (e.g. an unknown route)
-        message = _snippet(resp.text) or resp.reason_phrase
+        if "html" in resp.headers.get("content-type", ""):
+            message = f"{resp.reason_phrase} (an HTML page: is {base_url} the mlfe admin API?)"
+        else:
+            message = _snippet(resp.text) or resp.reason_phrase
     status = f"HTTP {resp.status_code}"
     if resp.status_code == 401:
         return (f"{message} ({status}): the admin token was refused; check --token, "
@@ -305,7 +309,7 @@ def _cell(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:g}"
+        return f"{v:.2f}".rstrip("0").rstrip(".")  # 70.0 -> 70, 33.333 -> 33.33
     return str(v)
 
 
@@ -342,7 +346,7 @@ def _regen_key(client: AdminClient, args: argparse.Namespace) -> int:
 def _epoch(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         when = datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return f"{value:g} ({when})"
+        return f"{int(value)} ({when})"
     return _cell(value)
 
 

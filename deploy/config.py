@@ -86,6 +86,8 @@ class RouterSettings(_Model):
     drain_timeout_s: PositiveFloat = 30.0
     # One line per request on stdout; the format applies to the router's own log too (stderr).
     access_log: bool = True
+    # Where `collect_model_data` services' inputs and outputs go (default: <state_dir>/modeldata).
+    data_dir: Path | None = None
     log_format: Literal["json", "text"] = "json"
 
     @field_validator("listen", "admin_listen")
@@ -336,4 +338,26 @@ def load_config(path: str | Path) -> MlfeConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_config(data, str(p))
+    return resolve_paths(parse_config(data, str(p)), p.resolve().parent)
+
+
+def resolve_paths(cfg: MlfeConfig, base: Path) -> MlfeConfig:
+    """Input files named in a config (entry scripts, model dirs, TLS files, JWKS files) are
+    relative to the config file; the state and data dirs stay relative to where mlfe runs."""
+
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None else base / p  # an absolute p stays as it is
+
+    router = cfg.router
+    if router.tls is not None:
+        tls = router.tls.model_copy(update={"cert_file": rel(router.tls.cert_file),
+                                            "key_file": rel(router.tls.key_file)})
+        router = router.model_copy(update={"tls": tls})
+    issuers = [i.model_copy(update={"jwks_file": rel(i.jwks_file)}) for i in router.token_issuers]
+    router = router.model_copy(update={"token_issuers": issuers})
+    services = {
+        name: s.model_copy(update={"entry_script": rel(s.entry_script),
+                                   "model_dir": rel(s.model_dir)})
+        for name, s in cfg.services.items()
+    }
+    return cfg.model_copy(update={"router": router, "services": services})

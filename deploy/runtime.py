@@ -103,8 +103,7 @@ async def wait_for_signal() -> None:
 async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False) -> int:
     rt = Runtime(cfg, base_dir)
     await rt.start()
-    host = cfg.router.listen_addr[0]
-    print(f"mlfe: scoring on http://{host}:{rt.router.port}, admin on "
+    print(f"mlfe: scoring on {rt.router.base_url}, admin on "
           f"http://{cfg.router.admin_addr[0]}:{rt.admin.port}", flush=True)
     status_task = None
     if friendly:

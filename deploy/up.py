@@ -16,9 +16,8 @@ PLAIN_STATUS_PERIOD_S = 10.0
 
 
 def print_welcome(rt: Runtime) -> None:
-    host = rt.cfg.router.listen_addr[0]
     for name, svc in rt.router.services.items():
-        uri = f"http://{host}:{rt.router.port}/api/v1/service/{name}/score"
+        uri = rt.router.scoring_uri(f"service/{name}")
         print(f"\nservice {name}\n  scoring URI: {uri}")
         headers = "-H 'Content-Type: application/json'"
         keys = rt.router.keys.get(name) if svc.cfg.auth_enabled else None

@@ -2,9 +2,9 @@
 
 For every scored request the scoring path calls :meth:`DataCollector.submit` with what it already
 has in hand (the bodies as ``bytes`` or as the list of chunks it collected, the content types, the
-status and the ids). ``submit`` only appends a tuple to a bounded in-memory queue, so it costs
-about a microsecond on the event loop and never blocks, raises or does I/O: when the queue is
-full the record is dropped and counted instead.
+status and the ids). ``submit`` only appends a tuple to a bounded in-memory queue (bounded in
+records and in body bytes), so it costs well under a microsecond on the event loop and never
+blocks or does I/O: when the queue is full the record is dropped and counted instead.
 
 A supervised drain task takes the queued records in batches and hands each batch to a dedicated
 writer thread, which does all the work: joining chunks, truncating bodies over the cap, parsing
@@ -26,9 +26,10 @@ document does not parse) and marked ``*Truncated: true``.
 
 Files are opened in append mode for each batch, so nothing is held open between batches. The
 current file ``data-<n>`` is left for ``data-<n+1>`` when the next line would take it past
-``rotate_bytes`` (a single line larger than that gets a file of its own). The first write to a
-directory after a (re)start opens a new file after the highest existing ``n``, so a line torn by
-a crash is never continued. Records are handed to the OS at each batch; they are not fsynced.
+``rotate_bytes`` (a single line larger than that gets a file of its own). The first write a
+collector makes to a directory goes to a new file after the highest existing ``n``, so after a
+process restart a line torn by a crash is never continued. Records are handed to the OS at each
+batch; they are not fsynced.
 
 A write that fails (disk full, permissions) drops the batch's lines for that file (the partial
 write is cut off again, so the file stays valid JSON lines), counts them in :attr:`dropped`, logs
@@ -40,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -144,7 +146,11 @@ class DataCollector:
         self._unwarned = 0  # drops since the last warning
         self._last_warn = float("-inf")
         self._last_error: BaseException | None = None
-        self._sinks: dict[tuple[str, str, str], _Sink] = {}  # writer thread only
+        # Writer thread only:
+        self._sinks: dict[tuple[str, str, str], _Sink] = {}
+        self._second: int | None = None
+        self._second_text = ""
+        self._day_text = ""
 
     # ---- request path ---------------------------------------------------------------------
 
@@ -216,7 +222,7 @@ class DataCollector:
         if error is not None:
             self._last_error = error
         now = self._clock()
-        if now - self._last_warn >= self._warn_interval:
+        if not 0 <= now - self._last_warn < self._warn_interval:  # (or the clock went back)
             self._last_warn = now
             self._warn()
 
@@ -376,7 +382,7 @@ class DataCollector:
                 self._append(sink.path, b"".join(lines[start:]), sink.size)
                 sink.size = size
                 done = len(lines)
-            except OSError as exc:
+            except Exception as exc:  # OSError mostly (disk full, permissions)
                 result.error = exc
             result.written += done
             result.failed += len(lines) - done
@@ -399,10 +405,7 @@ class DataCollector:
             return sink
         service, version, day = key
         directory = self.data_dir / _safe(service) / _safe(version) / day
-        directory.mkdir(parents=True, exist_ok=True)
-        if sink is not None:  # the directory was removed meanwhile: start again in it
-            sink.n, sink.size = 1, 0
-            return sink
+        directory.mkdir(parents=True, exist_ok=True)  # new, or removed since: (re)scan it
         highest = 0
         for entry in os.scandir(directory):
             m = _DATA_FILE.fullmatch(entry.name)
@@ -415,11 +418,16 @@ class DataCollector:
 
     def _encode(self, record: _Record) -> tuple[tuple[str, str, str], bytes]:
         t, service, version, request_id, status, req, req_ct, resp, resp_ct, _ = record
-        when = datetime.fromtimestamp(t, UTC)
+        sec, us = divmod(round(t * 1_000_000), 1_000_000)
+        if sec != self._second:  # strftime is most of the cost: once per second, not per line
+            when = datetime.fromtimestamp(sec, UTC)
+            self._second_text = when.strftime("%Y-%m-%dT%H:%M:%S.")
+            self._day_text = when.strftime("%Y/%m/%d")
+            self._second = sec
         request, request_truncated = self._body(req, req_ct)
         response, response_truncated = self._body(resp, resp_ct)
         doc: dict[str, Any] = {
-            "time": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "time": f"{self._second_text}{us:06d}Z",
             "requestId": request_id,
             "service": service,
             "version": version,
@@ -435,7 +443,7 @@ class DataCollector:
             doc["request"] = self._raw(req, req_ct)
             doc["response"] = self._raw(resp, resp_ct)
             line = orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
-        return (service, version, when.strftime("%Y/%m/%d")), line
+        return (service, version, self._day_text), line
 
     def _body(self, body: Body, content_type: bytes | None) -> tuple[Any, bool]:
         if isinstance(body, list):
@@ -467,6 +475,7 @@ def _b64(body: bytes, content_type: bytes | None) -> dict[str, str | None]:
     }
 
 
+@functools.lru_cache(maxsize=256)
 def _is_json(content_type: bytes | None) -> bool:
     """A JSON media type (``application/json``, ``*/*+json``, ``text/json``), or none given."""
     if content_type is None:

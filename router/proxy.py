@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from router import errors, routing
 from router.accesslog import AccessLog
 from router.admission import Rejection, Replica, Waiter
+from router.datacollect import DataCollector
 from router.http_server import Exchange
 from router.metrics import UNROUTED
 from router.requestid import new_request_id, valid_client_request_id
@@ -60,11 +61,51 @@ REPLAY_LIMIT = 64 * 1024
 _WAITING, _CONNECTING, _SENT, _RESPONDING, _DONE = range(5)
 
 
+class Capture:
+    """Bodies copied aside for model data collection (references to the chunks, up to the
+    collector's cap; nothing is copied on the request path)."""
+
+    __slots__ = ("cap", "request", "request_bytes", "request_type", "response", "response_bytes",
+                 "response_type", "status")
+
+    def __init__(self, cap: int, request_type: bytes | None) -> None:
+        self.cap = cap
+        self.request: list[bytes] = []
+        self.response: list[bytes] = []
+        self.request_bytes = self.response_bytes = 0
+        self.request_type = request_type
+        self.response_type: bytes | None = None
+        self.status = 0
+
+    def add_request(self, chunk: bytes) -> None:
+        if self.request_bytes <= self.cap:
+            self.request.append(chunk)
+            self.request_bytes += len(chunk)
+
+    def add_response(self, chunk: bytes) -> None:
+        if self.response_bytes <= self.cap:
+            self.response.append(chunk)
+            self.response_bytes += len(chunk)
+
+
+def _header(headers: bytes, name: bytes) -> bytes | None:
+    """A header's value from `name: value\r\n` lines with lower-cased names."""
+    start = headers.find(name + b": ")
+    if start < 0 or (start and headers[start - 1 : start] != b"\n"):
+        return None
+    start += len(name) + 2
+    return headers[start : headers.find(b"\r\n", start)]
+
+
 class ScoringHandler:
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, access_log: AccessLog | None = None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        access_log: AccessLog | None = None,
+        collector: DataCollector | None = None,
     ) -> None:
         self._loop = loop
+        self.collector = collector
         self.access_log = access_log or AccessLog(None)
         self.routes: dict[bytes, Route] = routing.build_routes({})
         self.endpoint_names: frozenset[str] = frozenset()
@@ -243,6 +284,7 @@ class Forward:
 
     __slots__ = (
         "_body_sent",
+        "_capture",
         "_chunked",
         "_client_gone",
         "_conn",
@@ -303,6 +345,10 @@ class Forward:
         self.client_id: bytes | None = None
         self.version = ""
         self.failure: str | None = None
+        self._capture: Capture | None = None
+        if svc.cfg.collect_model_data and handler.collector is not None:
+            ctype = next((v for n, v in ex.headers if n == b"content-type"), None)
+            self._capture = Capture(handler.collector.max_body_bytes, ctype)
         handler.in_progress += 1
         ex.attach(self)
 
@@ -384,6 +430,8 @@ class Forward:
         conn = self._conn
         if conn is None or self._state >= _DONE:
             return
+        if self._capture is not None:
+            self._capture.add_request(chunk)
         if self._replay is not None:
             self._replay_bytes += len(chunk)
             if self._replay_bytes <= REPLAY_LIMIT:
@@ -439,6 +487,9 @@ class Forward:
     def on_response_head(self, status: int, headers: bytes, content_length: int | None) -> None:
         self._state = _RESPONDING
         self._replay = None
+        if self._capture is not None:
+            self._capture.status = status
+            self._capture.response_type = _header(headers, b"content-type")
         if self._client_gone:
             return
         ex = self.ex
@@ -446,6 +497,8 @@ class Forward:
         ex.start_response(status, headers + self._ids, content_length)
 
     def on_response_body(self, chunk: bytes) -> None:
+        if self._capture is not None:
+            self._capture.add_response(chunk)
         if not self._client_gone:
             self.ex.write(chunk)
 
@@ -559,6 +612,14 @@ class Forward:
             status = err.status
         else:
             status = 499  # the client left before an answer (nginx's code)
+        capture = self._capture
+        if capture is not None and self.t_upstream_end and self.failure is None:
+            # What the model answered (router errors are not model data).
+            assert self._handler.collector is not None
+            self._handler.collector.submit(
+                self._svc.name, self.version or "default", self.rid, capture.status,
+                capture.request, capture.request_type, capture.response, capture.response_type,
+            )
         m = self._svc.metrics
         m.count(self.version, status)
         total = now - self.t0

@@ -16,17 +16,19 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from deploy.config import AuthSettings, ConfigError, MlfeConfig, parse_config
 from router.accesslog import AccessLog
 from router.auth import Credentials, KeyAuth, NoAuth
+from router.datacollect import DataCollector
 from router.http_server import HttpServerProtocol, Limits
 from router.keystore import KeyStore, atomic_write
 from router.metrics import RouterCollector
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service
+from router.tls import TlsReloader
 from router.tokens import ExternalJwks, SigningKeys, TokenAuth, TokenAuthority, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,6 @@ def check_supported(cfg: MlfeConfig) -> None:
                 f"services.{name}: only 'upstreams' and 'entry_script' replicas "
                 "are supported so far"
             )
-    if cfg.router.tls is not None:
-        problems.append("router.tls: TLS termination is not supported yet")
     if problems:
         raise ConfigError("unsupported configuration:\n  " + "\n  ".join(problems))
 
@@ -98,9 +98,12 @@ class Router:
         check_supported(cfg)
         self.cfg = cfg
         self._loop = loop
+        self.collector = DataCollector(cfg.router.data_dir or cfg.router.state_dir / "modeldata")
         self.handler = ScoringHandler(
-            loop, AccessLog(sys.stdout.buffer if cfg.router.access_log else None,
-                            cfg.router.log_format))
+            loop,
+            AccessLog(sys.stdout.buffer if cfg.router.access_log else None, cfg.router.log_format),
+            self.collector,
+        )
         self.keys = KeyStore(cfg.router.state_dir)
         self.authority = TokenAuthority(
             SigningKeys(cfg.router.state_dir), lifetime_s=cfg.router.token_lifetime_s
@@ -110,6 +113,13 @@ class Router:
         except (OSError, ValueError) as e:
             raise ConfigError(f"router.token_issuers: {e}") from None
         self.tokens = TokenVerifier(self.authority, issuers, leeway_s=cfg.router.token_leeway_s)
+        self.tls: TlsReloader | None = None
+        if cfg.router.tls is not None:
+            try:
+                self.tls = TlsReloader(cfg.router.tls.cert_file, cfg.router.tls.key_file)
+            except ValueError as e:
+                raise ConfigError(f"router.tls: {e}") from None
+        self._tls_watch: asyncio.Task[None] | None = None
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._limits = limits_from(cfg)
@@ -120,7 +130,7 @@ class Router:
         # What the co-located autoscaler last decided, per service (set by the runtime).
         self.scaling_status: Callable[[str], dict[str, Any]] = lambda name: {}
         # More metric families from parts outside the router (data collection).
-        self.extra_metrics: Callable[[], Iterable[Metric]] = lambda: ()
+        self.extra_metrics: Callable[[], Iterable[Metric]] = self._collector_metrics
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(RouterCollector(
             lambda: self.services, lambda name: self.scaling_status(name),
@@ -200,14 +210,17 @@ class Router:
             }
         return out
 
-    def scoring_uri(self, path: str) -> str:
+    @property
+    def base_url(self) -> str:
         host, _ = self.cfg.router.listen_addr
-        return f"http://{host}:{self.port}/api/v1/{path}/score"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    def scoring_uri(self, path: str) -> str:
+        return f"{self.base_url}/api/v1/{path}/score"
 
     def describe(self, name: str) -> dict[str, Any]:
         svc = self.services[name]
-        host, _ = self.cfg.router.listen_addr
-        base = f"http://{host}:{self.port}/api/v1/service/{name}"
+        base = f"{self.base_url}/api/v1/service/{name}"
         return {
             "name": name,
             "scoringUri": f"{base}/score",
@@ -223,7 +236,15 @@ class Router:
             "maxRequestWaitTime": svc.cfg.max_request_wait_time,
         }
 
+    def _collector_metrics(self) -> Iterable[Metric]:
+        fam = CounterMetricFamily(
+            "mlfe_datacollection_records", "Model data records, by result.", labels=["result"])
+        fam.add_metric(["written"], self.collector.written)
+        fam.add_metric(["dropped"], self.collector.dropped)
+        return [fam]
+
     async def start(self) -> None:
+        self.collector.start()
         await self.tokens.refresh_all()
         self.apply(self.cfg)
         host, port = self.cfg.router.listen_addr
@@ -234,7 +255,12 @@ class Router:
             port,
             backlog=4096,
             reuse_address=True,
+            ssl=self.tls.context if self.tls is not None else None,
+            # A client that never finishes its handshake is invisible to the sweeper.
+            ssl_handshake_timeout=min(10.0, limits.header_timeout_s) if self.tls else None,
         )
+        if self.tls is not None:
+            self._tls_watch = loop.create_task(self.tls.watch(), name="tls reload")
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self._sweeper = loop.create_task(self._sweep(), name="client timeout sweeper")
@@ -271,13 +297,15 @@ class Router:
         return done
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._tls_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for svc in self.services.values():
             svc.close()
         await self.tokens.aclose()
+        await self.collector.stop()  # every queued record is written
         self.handler.access_log.flush()
         if self._server is not None:
             self._server.close()

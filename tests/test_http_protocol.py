@@ -48,8 +48,8 @@ Response = tuple[int, dict[str, str], bytes]
 # Every test that can disturb a service's replica slots (a failure marks a replica down, a
 # leaked slot makes the next request wait) has a service of its own, all on one fake replica.
 SERVICES = (
-    "echo", "keepalive", "pipe", "pipe-bad", "cont", "chunks", "smuggle", "limits",
-    "slow", "drip", "bad", "closer", "resetter", "cut",
+    "echo", "keepalive", "pipe", "pipe-bad", "pipe-close", "upgrade", "cont", "chunks",
+    "smuggle", "limits", "slow", "drip", "bad", "closer", "resetter", "cut",
 )
 
 
@@ -265,11 +265,18 @@ def test_http10_with_keepalive_keeps_the_connection(proxy: Proc) -> None:
             assert "content-length" in resp[1]  # HTTP/1.0 keep-alive needs a length
 
 
-def test_half_closed_client_still_gets_its_response(proxy: Proc) -> None:
+def test_half_closed_client(proxy: Proc) -> None:
+    """A client that shuts down its sending side after the request: nginx takes it for an
+    abort (499) and closes; the router may do the same or answer first, but it must close
+    promptly and leave the service's slot free."""
     with raw_conn(proxy.port) as s:
         s.sendall(request(target=path("keepalive"), body=b"half"))
         s.shutdown(socket.SHUT_WR)
-        assert echo_of(Reader(s).response())["body"] == "half"
+        s.settimeout(3)
+        data = read_until_close(s)
+        assert data == b"" or data.startswith(b"HTTP/1.1 "), data[:200]
+    resp = roundtrip(proxy.port, request(target=path("keepalive"), body=b"after"), timeout=3)
+    assert echo_of(resp[0])["body"] == "after"
 
 
 def test_client_leaving_mid_upload_frees_the_slot(router: Proc) -> None:
@@ -345,9 +352,9 @@ def test_pipelined_router_errors_keep_their_place(router: Proc) -> None:
 
 def test_pipelined_connection_close_ends_the_pipeline(proxy: Proc) -> None:
     raw = (
-        request(target=path("pipe", "n=0"), body=b"a")
-        + request(target=path("pipe", "n=1"), body=b"b", headers=("Connection: close",))
-        + request(target=path("pipe", "n=2"), body=b"c")
+        request(target=path("pipe-close", "n=0"), body=b"a")
+        + request(target=path("pipe-close", "n=1"), body=b"b", headers=("Connection: close",))
+        + request(target=path("pipe-close", "n=2"), body=b"c")
     )
     with raw_conn(proxy.port) as s:
         s.sendall(raw)
@@ -437,6 +444,25 @@ def test_expect_100_continue_refused_early_unknown_service(router: Proc) -> None
         assert status == 404
         assert "no-such-service" in json.loads(body)["message"]
         _after_early_refusal(s, r, headers, 5000)
+
+
+def test_expect_100_continue_ignored_for_http10(proxy: Proc) -> None:
+    """RFC 9110 10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
+    request (an HTTP/1.0 client cannot read a 1xx)."""
+    body = b"old client"
+    head = request(target=path("cont"), body=body, version="1.0",
+                   headers=("Expect: 100-continue",))
+    with raw_conn(proxy.port) as s:
+        s.sendall(head[: len(head) - len(body)])
+        s.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
+            early = s.recv(65536)
+            pytest.fail(f"answered before the body: {early[:100]!r}")
+        s.settimeout(5)
+        s.sendall(body)
+        data = read_until_close(s)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:100]
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["body"] == body.decode()
 
 
 @pytest.mark.parametrize("key", [KEY, KEY2], ids=["primary", "secondary"])
@@ -597,6 +623,28 @@ def test_chunked_body_over_limit_gets_413(proxy: Proc) -> None:
         assert status == 413
 
 
+def test_refusal_while_the_client_sends_ends_with_a_clean_close(proxy: Proc) -> None:
+    """RFC 9112 9.6: closing a socket with unread input sends a reset, which can destroy the
+    response in the client's buffers before it is read; a server should half-close and drain
+    instead (nginx's lingering close). After the 413 the client must see a FIN, not a RST."""
+    head = request(target=path("limits"), body=None)[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+    piece = b"%x\r\n" % (64 * 1024) + b"y" * (64 * 1024) + b"\r\n"
+    with raw_conn(proxy.port) as s:
+        try:
+            s.sendall(head + piece * (2 * MAX_BODY // (64 * 1024) + 8))
+        except ConnectionResetError:
+            pytest.fail("reset while sending the body")
+        r = Reader(s)
+        assert r.response()[0] == 413
+        assert not r.buf
+        s.settimeout(5)
+        try:
+            rest = s.recv(65536)
+        except ConnectionResetError:
+            pytest.fail("the connection was reset after the 413, not closed")
+        assert rest == b""
+
+
 # ---- request smuggling and malformed requests -----------------------------------------------
 
 P = path("smuggle").encode()
@@ -719,12 +767,12 @@ def test_refused_request_answer_is_json(router: Proc) -> None:
 def test_upgrade_request_is_not_left_hanging(router: Proc) -> None:
     """`Connection: Upgrade` (websocket) is not supported: the router answers (the request
     itself, or an error) and closes, and the service's slot is not left taken."""
-    raw = (b"GET " + path("smuggle").encode() + H
+    raw = (b"GET " + path("upgrade").encode() + H
            + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     for _ in range(2):  # the second time on a warm (reused) upstream connection
         status, closed = outcome(router.port, raw, check_closed=True)
         assert status is not None and closed
-    resp = roundtrip(router.port, request(target=path("smuggle"), body=b"ok"), timeout=3)[0]
+    resp = roundtrip(router.port, request(target=path("upgrade"), body=b"ok"), timeout=3)[0]
     assert echo_of(resp)["body"] == "ok"
 
 

@@ -135,3 +135,47 @@ def test_metrics_need_the_admin_token(tmp_path: Path) -> None:
     finally:
         router.stop()
         rep.stop()
+
+
+def test_model_data_is_collected_and_flushed_on_sigterm(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.support import Reader, post_many, raw_conn
+
+    rep = start_replica(tmp_path, EXAMPLES / "echo" / "score.py")
+    data_dir = tmp_path / "modeldata"
+    router = start_router(tmp_path, {
+        "router": {"data_dir": str(data_dir)},
+        "services": {"dcs": {"upstreams": [f"127.0.0.1:{rep.port}"], "auth_enabled": False,
+                            "collect_model_data": True},
+                     "plain": {"upstreams": [f"127.0.0.1:{rep.port}"], "auth_enabled": False}},
+    })
+    try:
+        ids: list[str] = []
+        asyncio.run(post_many(router.port, "/api/v1/service/dcs/score", 300, {},
+                              body=b'{"data": [[1, 2]]}', concurrency=8,
+                              on_response=lambda s, h: ids.append(h["x-ms-request-id"])))
+        httpx.post(f"{router.url}/api/v1/service/plain/score", json={"x": 1})
+        # Head and body in one write (the replica answers 415 as soon as it sees the head).
+        with raw_conn(router.port) as s:
+            s.sendall(b"POST /api/v1/service/dcs/score HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/octet-stream\r\nContent-Length: 5\r\n\r\n"
+                      b"\x00\x01raw")
+            status, headers, _ = Reader(s).response()
+        assert status == 415
+        ids.append(headers["x-ms-request-id"])
+        router.signal()  # SIGTERM: what is still queued is written before exit
+        assert router.wait_exit() == 0
+    finally:
+        router.stop()
+        rep.stop()
+    files = sorted(data_dir.glob("dcs/default/*/*/*/data-*.jsonl"))
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert sorted(r["requestId"] for r in records) == sorted(ids)
+    assert not (data_dir / "plain").exists()
+    by_id = {r["requestId"]: r for r in records}
+    first = by_id[ids[0]]
+    assert first["request"] == {"data": [[1, 2]]} and first["response"] == {"result": [1]}
+    assert first["status"] == 200 and first["service"] == "dcs"
+    raw = by_id[ids[-1]]["request"]
+    assert raw == {"base64": "AAFyYXc=", "contentType": "application/octet-stream"}
