@@ -1,9 +1,10 @@
 """`mlfe keys|regen-key|token|services|stats|endpoint ...`: the admin client (DESIGN §3, §5).
 
 A thin httpx client over the router's admin API. Every command prints a short human-readable
-answer, or the server's JSON with `--json`. Failures are one line on stderr and exit status 1:
-the server's `message` for an HTTP error, a hint for an admin API that is not listening. The
-admin token is sent, never printed.
+answer, or the server's JSON with `--json`. A failure is `mlfe: ...` on stderr and exit status
+1, never a traceback: the server's `message` (as it is; a config error may span lines) and the
+HTTP status, or a one-line hint for an admin API that is not listening. The admin token is sent,
+never printed.
 
 The admin token comes from `--token`, else `MLFE_ADMIN_TOKEN`, else `<state-dir>/admin-token`
 (the file `mlfe serve` writes when it generates one); the URL from `--admin-url`, else
@@ -40,7 +41,7 @@ Handler = Callable[["AdminClient", argparse.Namespace], int]
 
 
 class AdminError(Exception):
-    """A failure to report as one line on stderr (exit status 1)."""
+    """A failure to report on stderr as `mlfe: <message>` (exit status 1)."""
 
 
 # ---- the client -------------------------------------------------------------------------------

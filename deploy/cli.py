@@ -37,6 +37,21 @@ def _add_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
+def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("render", help="print the manifests of the router and the services")
+    p.add_argument("--config", required=True, help="YAML configuration file")
+    p.add_argument("--target", required=True, choices=["kubernetes"])
+    p.add_argument("--namespace", help="namespace of every object (default: mlfe)")
+    p.add_argument("--image", help="image of the model replicas: FROM the mlfe image, with the "
+                   "config's directory at /var/azureml-app")
+    p.add_argument("--router-image", help="image of the router (default: mlfe:<version>)")
+    p.add_argument("--output", default="-", metavar="DIR|-",
+                   help="a directory to write files into, or - for stdout (default)")
+    p.add_argument("--generate-secret", action="store_true",
+                   help="include the Secret mlfe-keys with fresh keys, signing key and admin "
+                   "token (first install only: applying it again rotates every key)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlfe", description=__doc__)
     parser.add_argument(
@@ -47,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_score_server(sub)
     _add_cert(sub)
+    _add_render(sub)
     from deploy.admin_client import add_admin_commands
     add_admin_commands(sub)
     return parser
@@ -75,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cert(
             self_signed_=args.self_signed, hosts=args.host, out_dir=args.out_dir,
             days=args.days, force=args.force,
+        )
+    if args.command == "render":
+        from deploy.render import run_render
+
+        return run_render(
+            config=args.config, target=args.target, namespace=args.namespace, image=args.image,
+            router_image=args.router_image, output=args.output,
+            generate_secret=args.generate_secret,
         )
     raise AssertionError(args.command)
 

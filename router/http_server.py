@@ -30,6 +30,8 @@ PAUSE_CLOSING = 8  # a fatal error is being answered; nothing more is read
 
 # Body bytes held for a request before its upstream is ready: past this the client is paused.
 BUFFER_HIGH_WATER = 256 * 1024
+# A lingering close reads and drops a client's input for at most this long.
+LINGER_S = 5.0
 # After an early response (an error), a body this small is read and discarded to keep the
 # connection; a larger or unknown one closes it.
 DISCARD_LIMIT = 64 * 1024
@@ -207,7 +209,7 @@ class Exchange:
         else:
             framing = b"transfer-encoding: chunked\r\n"
             self._chunked_out = True
-        if not self.keep_alive or self.close_after or self._conn.closing:
+        if not self.keep_alive or self.close_after or self._conn.closing_now:
             self.close_after = True
             conn_hdr = b"connection: close\r\n"
         elif self.http10:
@@ -290,9 +292,13 @@ class HttpServerProtocol(asyncio.Protocol):
         self.write_paused = False
         self.feeding = False  # inside data_received: a flush follows
         self.closing = False
+        self._ignore_input = False
+        self._linger_until = 0.0  # closing gracefully: reading and dropping until then
         self._pending_error: errors.RouterError | None = None
         self._head_bytes = 0
+        self._head_size = 0
         self._header_count = 0
+        self._hosts = 0
         self._in_head = False
         # Timeouts are checked by the server's sweeper from these (no timer per request).
         self._head_started = 0.0
@@ -323,27 +329,41 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self._loop.time()
+        if self._ignore_input:
+            return  # after `Connection: close`, an upgrade, or while lingering: dropped
         if self._in_head:
             self._head_bytes += len(data)
         self.feeding = True
         try:
             self._parser.feed_data(data)
         except _Closing:
-            return
+            pass
         except httptools.HttpParserUpgrade:
-            self._fatal(errors.bad_request("Protocol upgrade is not supported"))
-            return
+            self._upgrade_requested()
         except httptools.HttpParserError:
-            self._fatal(errors.bad_request("Malformed HTTP request"))
-            return
+            if not self._ignore_input:  # (bytes after `Connection: close` are just dropped)
+                self._fatal(errors.bad_request("Malformed HTTP request"))
+        else:
+            if self._in_head and self._head_bytes > self._limits.max_header_bytes:
+                self._fatal(errors.headers_too_large())
         finally:
             self.feeding = False
-        if self._in_head and self._head_bytes > self._limits.max_header_bytes:
-            self._fatal(errors.headers_too_large())
-            return
+        # Whatever happened, what was collected for the current upstream request goes now.
         cur = self._current
         if cur is not None and cur.sink is not None:
             cur.sink.on_client_flush()
+
+    def _upgrade_requested(self) -> None:
+        """Protocol upgrades (websocket) are not proxied: the request was answered as a plain
+        one (its Upgrade headers are hop-by-hop and not forwarded), then the connection closes,
+        since what follows on it is not HTTP."""
+        self._ignore_input = True
+        self.pause(PAUSE_CLOSING)
+        last = self._pipeline[-1] if self._pipeline else self._current
+        if last is None:
+            self._close()
+        else:
+            last.close_after = True
 
     def eof_received(self) -> bool | None:
         # A client that closes its side has gone, as nginx sees it (499): a queued request
@@ -369,19 +389,26 @@ class HttpServerProtocol(asyncio.Protocol):
         self._parsing = Exchange(self)
         self._in_head = True
         self._head_bytes = 0
+        self._head_size = 0
         self._header_count = 0
+        self._hosts = 0
         self._head_started = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
         ex = self._parsing
         assert ex is not None
         ex.url += url
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self._parsing
         assert ex is not None
         self._header_count += 1
-        if self._header_count > self._limits.max_header_count:
+        # The parsed size counts exactly; the raw byte count in data_received only guards a
+        # header line that never ends.
+        self._head_size += len(name) + len(value) + 4
+        if (self._header_count > self._limits.max_header_count
+                or self._head_size > self._limits.max_header_bytes):
             self._fatal(errors.headers_too_large())
             raise _Closing
         name = name.lower()
@@ -389,7 +416,15 @@ class HttpServerProtocol(asyncio.Protocol):
             # llhttp refuses conflicting duplicates and CL with TE; it has checked the digits.
             ex.content_length = int(value)
         elif name == b"transfer-encoding":
+            # Only plain chunked is understood; anything else is refused (nginx: 501), never
+            # guessed at, since a proxy and a replica that frame a body differently is how
+            # requests get smuggled.
+            if value.strip().lower() != b"chunked":
+                self._fatal(errors.RouterError(501, "Transfer-Encoding not supported"))
+                raise _Closing
             ex.chunked = True
+        elif name == b"host":
+            self._hosts += 1
         elif name == b"expect" and value.lower() == b"100-continue":
             ex.expect_continue = True
         ex.headers.append((name, value))
@@ -398,13 +433,23 @@ class HttpServerProtocol(asyncio.Protocol):
         ex = self._parsing
         assert ex is not None
         self._in_head = False
-        if self._head_bytes > self._limits.max_header_bytes:
-            self._fatal(errors.headers_too_large())
-            raise _Closing
         parser = self._parser
         ex.method = parser.get_method()
-        ex.http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        ex.http10 = version == "1.0"
         ex.keep_alive = parser.should_keep_alive()
+        problem = None
+        if version not in ("1.1", "1.0"):
+            problem = errors.RouterError(505, "HTTP version not supported")
+        elif self._hosts > 1 or (self._hosts == 0 and not ex.http10):
+            problem = errors.bad_request("A request needs exactly one Host header")
+        elif ex.chunked and ex.http10:
+            problem = errors.bad_request("Transfer-Encoding is not allowed in HTTP/1.0")
+        if problem is not None:
+            self._fatal(problem)
+            raise _Closing
+        if ex.http10:
+            ex.expect_continue = False  # an HTTP/1.0 client does not wait for 100 Continue
         if ex.content_length is not None and ex.content_length > self._limits.max_body_bytes:
             # Refused before a byte of the body is read, and the connection is not kept.
             ex.close_after = True
@@ -429,6 +474,9 @@ class HttpServerProtocol(asyncio.Protocol):
         assert ex is not None
         self._parsing = None
         self.last_activity = self._loop.time()
+        if not ex.keep_alive:
+            # Nothing after `Connection: close` is read (nginx ignores it too; llhttp errors).
+            self._ignore_input = True
         ex._on_body_end()
         if ex.response_done and ex is self._current:
             self._next()
@@ -457,6 +505,11 @@ class HttpServerProtocol(asyncio.Protocol):
             else:
                 self._transport.writelines(data)
 
+    @property
+    def closing_now(self) -> bool:
+        """Closing after the current response (not after answering earlier pipelined ones)."""
+        return self.closing and self._pending_error is None
+
     def abort(self) -> None:
         self.closing = True
         if self._transport is not None:
@@ -482,7 +535,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if ex is not self._current:
             return
         self.last_activity = self._loop.time()
-        if ex.close_after or not ex.keep_alive or self.closing:
+        if ex.close_after or not ex.keep_alive or self.closing_now:
             self._close()
             return
         if ex.body_done:
@@ -514,10 +567,24 @@ class HttpServerProtocol(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
+        """Close after what is written. A client still sending its body would get a reset
+        (and might lose our answer) if we closed with unread input: like nginx's lingering
+        close, stop writing, then read and drop its input for a while before closing."""
         self.closing = True
+        transport = self._transport
+        if transport is None:
+            return
+        ex = self._current or self._parsing
+        still_sending = ex is not None and not ex.body_done and not self._ignore_input
+        if still_sending and transport.can_write_eof() and not self._linger_until:
+            self._ignore_input = True
+            self._linger_until = self._loop.time() + LINGER_S
+            self._paused = 0
+            transport.resume_reading()
+            transport.write_eof()
+            return
         self.pause(PAUSE_CLOSING)
-        if self._transport is not None:
-            self._transport.close()
+        transport.close()
 
     def _body_too_large(self, ex: Exchange) -> None:
         err = errors.body_too_large(self._limits.max_body_bytes)
@@ -563,6 +630,10 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         limits = self._limits
+        if self._linger_until:
+            if now > self._linger_until and self._transport is not None:
+                self._transport.close()
+            return
         if self._in_head:
             if now - self._head_started > limits.header_timeout_s:
                 # nginx answers a slow header with 408 and closes; so do we.

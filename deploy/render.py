@@ -1,0 +1,579 @@
+"""`mlfe render --target kubernetes`: the manifests of the router and of every model service.
+
+The router's objects come from the static manifests in deploy/kubernetes/ (listed by its
+kustomization.yaml), filled in from the config: the ConfigMap gets a cluster version of the config
+in which every `entry_script` service becomes a `kubernetes: {namespace, deployment}` service;
+the Deployment gets the image, a grace period that outlasts `router.drain_timeout_s` and a
+checksum of the config; the Role is narrowed to the Deployments the router may scale. Each
+`entry_script` service becomes a Deployment running `mlfe score-server` (azureml's
+deployment settings: resources, liveness probe, replicas) and a ClusterIP Service whose
+EndpointSlices tell the router which replicas are ready.
+
+Keys never go in the ConfigMap. The Secret `mlfe-keys` (keys of every service and endpoint, the
+token signing key, the admin token) is emitted only with `--generate-secret`, freshly generated
+(keys set in the config are kept): rendering it again would rotate every key, so later renders
+leave it out and the Secret in the cluster stays.
+
+The image of the model Deployments (`--image`) is the user's: FROM the mlfe image, with the
+config's directory copied to /var/azureml-app, so paths relative to the config file (entry
+scripts, model dirs) are the same paths under /var/azureml-app.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import posixpath
+import re
+import secrets
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config, parse_config
+
+Manifest = dict[str, Any]
+
+MANIFEST_DIR = Path(__file__).resolve().parent / "kubernetes"
+TARGETS = ("kubernetes",)
+
+DEFAULT_NAMESPACE = "mlfe"
+ROUTER = "mlfe-router"  # the router's Deployment, Service, ServiceAccount, Role, PDB
+ROUTER_ADMIN = "mlfe-router-admin"
+CONFIG_MAP = "mlfe-config"
+KEYS_SECRET = "mlfe-keys"
+TLS_SECRET = "mlfe-tls"  # kubernetes.io/tls, created by the user when router.tls is set
+
+# The container's contract (deploy/kubernetes/deployment.yaml, Dockerfile).
+SCORING_PORT = 8080
+ADMIN_PORT = 8081
+CONFIG_DIR = PurePosixPath("/etc/mlfe")
+STATE_DIR = PurePosixPath("/var/lib/mlfe")
+TLS_DIR = PurePosixPath("/etc/mlfe-tls")
+PRESTOP_SLEEP_S = 5
+GRACE_MARGIN_S = 10
+
+# Model replicas: azureml's inference server layout.
+APP_ROOT = PurePosixPath("/var/azureml-app")
+DEFAULT_MODEL_DIR = APP_ROOT / "model"
+MODEL_PORT = 5001
+# `mlfe score-server` finishes in-flight requests for up to this long after SIGTERM.
+MODEL_SHUTDOWN_S = 60
+APP_UID = 10001
+GPU_RESOURCE = "nvidia.com/gpu"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_SECRET_FIELDS = ("primary_key", "secondary_key")
+
+
+class RenderError(ConfigError):
+    """The config is valid but cannot be rendered for the target; the message says why."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    namespace: str = DEFAULT_NAMESPACE
+    image: str | None = None  # the model replicas' image (the user's app, FROM mlfe)
+    router_image: str | None = None  # default: mlfe:<version of this package>
+    generate_secret: bool = False
+
+
+def default_router_image() -> str:
+    try:
+        version = metadata.version("mlfe")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        version = "latest"
+    return f"mlfe:{version}"
+
+
+# ---- the static manifests ---------------------------------------------------------------------
+
+
+def load_static_manifests(directory: Path = MANIFEST_DIR) -> list[Manifest]:
+    """The router's objects, in the order of the kustomization's resources."""
+    try:
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text("utf-8"))
+        docs: list[Manifest] = []
+        for name in kustomization["resources"]:
+            text = (directory / name).read_text("utf-8")
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    except OSError as e:
+        raise RenderError(
+            f"cannot read the router's manifests in {directory}: {e.strerror} "
+            "(mlfe render needs a source checkout or an install that ships deploy/kubernetes/)"
+        ) from None
+    return docs
+
+
+def _find(docs: Iterable[Manifest], kind: str, name: str) -> Manifest:
+    for d in docs:
+        if d["kind"] == kind and d["metadata"]["name"] == name:
+            return d
+    raise RenderError(f"the static manifests have no {kind} {name}")
+
+
+def _container(pod_spec: dict[str, Any], name: str, key: str = "containers") -> dict[str, Any]:
+    for c in pod_spec.get(key, []):
+        if c["name"] == name:
+            found: dict[str, Any] = c
+            return found
+    raise RenderError(f"the static router Deployment has no {key} entry {name!r}")
+
+
+# ---- the cluster config -----------------------------------------------------------------------
+
+
+def _app_path(value: Path, base_dir: Path, key: str) -> PurePosixPath:
+    """Where a path of the config (relative to the config file) is inside the image.
+
+    Symlinks are not followed: the image holds the config's directory as it is copied."""
+    path = PurePosixPath(posixpath.normpath(value.as_posix()))
+    if path.is_absolute():
+        if path.is_relative_to(APP_ROOT):
+            return path  # already an image path
+        if not path.is_relative_to(base_dir.as_posix()):
+            raise RenderError(
+                f"{key}: {str(value)!r} is outside the config file's directory ({base_dir}), "
+                f"so it has no place under {APP_ROOT} in the image; give it relative to the "
+                "config file"
+            )
+        path = path.relative_to(base_dir.as_posix())
+    if path.parts and path.parts[0] == "..":
+        raise RenderError(
+            f"{key}: {str(value)!r} leaves the config file's directory, so it has no place "
+            f"under {APP_ROOT} in the image"
+        )
+    return APP_ROOT / path
+
+
+def cluster_config(
+    cfg: MlfeConfig, base_dir: Path, namespace: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config the router runs with in the cluster, and extra files for its ConfigMap."""
+    # What the user set, without None (every None is a default): load_config's path resolution
+    # marks paths as set even where they are absent.
+    out: dict[str, Any] = cfg.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    extra: dict[str, str] = {}
+
+    router: dict[str, Any] = out.setdefault("router", {})
+    router["listen"] = f"0.0.0.0:{SCORING_PORT}"
+    router["admin_listen"] = f"0.0.0.0:{ADMIN_PORT}"
+    router["state_dir"] = str(STATE_DIR)
+    router.pop("data_dir", None)  # the default: <state_dir>/modeldata, on the pod's volume
+    if not router.get("token_issuers"):
+        router.pop("token_issuers", None)
+    if cfg.router.tls is not None:
+        router["tls"] = {"cert_file": str(TLS_DIR / "tls.crt"),
+                         "key_file": str(TLS_DIR / "tls.key")}
+    for i, issuer in enumerate(cfg.router.token_issuers):
+        if issuer.jwks_file is None:
+            continue
+        path = issuer.jwks_file if issuer.jwks_file.is_absolute() else base_dir / issuer.jwks_file
+        try:
+            extra[f"jwks-{i}.json"] = path.read_text("utf-8")
+        except OSError as e:
+            raise RenderError(
+                f"router.token_issuers.{i}.jwks_file: cannot read {str(path)!r}: {e.strerror}"
+            ) from None
+        router["token_issuers"][i]["jwks_file"] = str(CONFIG_DIR / f"jwks-{i}.json")
+
+    for name, svc in cfg.services.items():
+        entry: dict[str, Any] = out["services"][name]
+        for k in _SECRET_FIELDS:
+            entry.pop(k, None)
+        if svc.entry_script is not None:
+            for k in ("entry_script", "model_dir", "environment_variables"):
+                entry.pop(k, None)
+            entry["kubernetes"] = {"namespace": namespace, "deployment": name}
+    for name in cfg.endpoints:
+        for k in _SECRET_FIELDS:
+            out["endpoints"][name].pop(k, None)
+
+    # The result must itself be a valid config: checked here rather than in a crash-looping pod.
+    parse_config(out, "<rendered cluster config>")
+    return out, extra
+
+
+# ---- the Secret -------------------------------------------------------------------------------
+
+
+def _generate_key() -> str:
+    return secrets.token_urlsafe(32)  # the router's own key format (router/keystore.py)
+
+
+def generated_secret_data(cfg: MlfeConfig) -> dict[str, str]:
+    """Fresh keys for every service and endpoint (those set in the config are kept), a fresh
+    ES256 signing key and admin token."""
+    keys: dict[str, dict[str, str]] = {}
+    owners = [*cfg.services.items(), *cfg.endpoints.items()]
+    for name, owner in owners:
+        keys[name] = {
+            "primaryKey": owner.primary_key or _generate_key(),
+            "secondaryKey": owner.secondary_key or _generate_key(),
+        }
+    signing_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return {
+        "keys.json": json.dumps(keys, indent=2) + "\n",
+        "signing-key.pem": signing_key.decode("ascii"),
+        "admin-token": _generate_key(),
+    }
+
+
+# ---- model services ---------------------------------------------------------------------------
+
+
+def cpu_quantity(cores: float) -> str:
+    millis = max(1, math.ceil(round(cores * 1000, 6)))
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def memory_quantity(gb: float) -> str:
+    mib = max(1, math.ceil(round(gb * 1024, 6)))
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def model_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "model"}
+
+
+def model_objects(
+    name: str, svc: ServiceConfig, base_dir: Path, namespace: str, image: str
+) -> list[Manifest]:
+    """The Deployment and ClusterIP Service of one `entry_script` service."""
+    assert svc.entry_script is not None
+    script = _app_path(svc.entry_script, base_dir, f"services.{name}.entry_script")
+    model_dir = (
+        DEFAULT_MODEL_DIR if svc.model_dir is None
+        else _app_path(svc.model_dir, base_dir, f"services.{name}.model_dir")
+    )
+    selector = model_labels(name)
+    labels = {**selector, "app.kubernetes.io/part-of": "mlfe",
+              "app.kubernetes.io/managed-by": "mlfe"}
+    metadata_ = {"name": name, "namespace": namespace, "labels": labels}
+
+    env = [
+        {"name": "AZUREML_MODEL_DIR", "value": str(model_dir)},
+        {"name": "WORKER_COUNT", "value": str(svc.replica_max_concurrent_requests)},
+        *({"name": k, "value": v} for k, v in svc.environment_variables.items()
+          if k not in ("AZUREML_MODEL_DIR", "WORKER_COUNT")),
+    ]
+    requests = {"cpu": cpu_quantity(svc.cpu_cores), "memory": memory_quantity(svc.memory_gb)}
+    # Memory limit = request (predictable OOM behaviour); no CPU limit (no throttling), as the
+    # deploy config has no cpu_cores_limit.
+    limits: dict[str, Any] = {"memory": requests["memory"]}
+    if svc.gpu_cores > 0:
+        limits[GPU_RESOURCE] = svc.gpu_cores
+
+    def probe(initial_delay: int, success: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": "/", "port": "http", "scheme": "HTTP"},
+            "initialDelaySeconds": initial_delay,
+            "periodSeconds": svc.period_seconds,
+            "timeoutSeconds": svc.timeout_seconds,
+            "successThreshold": success,
+            "failureThreshold": svc.failure_threshold,
+        }
+
+    container: dict[str, Any] = {
+        "name": "model",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["mlfe", "score-server", "--entry-script", str(script),
+                    "--host", "0.0.0.0", "--port", str(MODEL_PORT)],
+        "workingDir": str(APP_ROOT),
+        "ports": [{"name": "http", "containerPort": MODEL_PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"requests": requests, "limits": limits},
+        # azureml's liveness settings; Kubernetes requires successThreshold 1 on a liveness probe,
+        # so success_threshold applies to readiness, which also starts at once (the server binds
+        # only after init(), so it is not ready before that anyway).
+        "livenessProbe": probe(svc.initial_delay_seconds, 1),
+        "readinessProbe": probe(0, svc.success_threshold),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + MODEL_SHUTDOWN_S + GRACE_MARGIN_S,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": APP_UID,
+            "runAsGroup": APP_UID,
+            "fsGroup": APP_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if svc.gpu_cores > 0:
+        # GPU node pools are commonly tainted so that only GPU workloads land there.
+        pod_spec["tolerations"] = [
+            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    deployment: Manifest = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": copy.deepcopy(metadata_),
+        "spec": {
+            # The starting size; the router's autoscaler owns it from then on (scale subresource).
+            "replicas": svc.num_replicas or svc.autoscale_min_replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+    service: Manifest = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": copy.deepcopy(metadata_),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "http", "port": MODEL_PORT, "targetPort": "http",
+                       "protocol": "TCP"}],
+        },
+    }
+    return [deployment, service]
+
+
+# ---- the router -------------------------------------------------------------------------------
+
+
+def _scale_role(namespace: str, names: list[str], router_ns: str) -> list[Manifest]:
+    """A Role and RoleBinding letting the router follow and scale Deployments of another
+    namespace (`kubernetes:` services there)."""
+    labels = {"app.kubernetes.io/name": "mlfe", "app.kubernetes.io/component": "router",
+              "app.kubernetes.io/part-of": "mlfe"}
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": ROUTER, "namespace": namespace, "labels": labels},
+            "rules": [
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                 "verbs": ["list", "watch"]},
+                {"apiGroups": ["apps"], "resources": ["deployments/scale"],
+                 "resourceNames": names, "verbs": ["get", "patch"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": ROUTER, "namespace": namespace, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ROUTER},
+            "subjects": [{"kind": "ServiceAccount", "name": ROUTER, "namespace": router_ns}],
+        },
+    ]
+
+
+def router_objects(
+    cfg: MlfeConfig, opts: RenderOptions, config_text: str, extra: dict[str, str]
+) -> list[Manifest]:
+    ns = opts.namespace
+    docs = copy.deepcopy(load_static_manifests())
+    for d in docs:
+        meta = d["metadata"]
+        d["metadata"] = {"name": meta.pop("name"), "namespace": ns, **meta}
+    for subject in _find(docs, "RoleBinding", ROUTER)["subjects"]:
+        if subject["kind"] == "ServiceAccount":
+            subject["namespace"] = ns
+
+    # Scale only the Deployments this config names (and the router's own: self-scaling).
+    targets: dict[str, set[str]] = {ns: {ROUTER}}
+    for name, svc in cfg.services.items():
+        if svc.entry_script is not None:
+            targets[ns].add(name)
+        elif svc.kubernetes is not None:
+            targets.setdefault(svc.kubernetes.namespace, set()).add(svc.kubernetes.deployment)
+    for rule in _find(docs, "Role", ROUTER)["rules"]:
+        if rule["resources"] == ["deployments/scale"]:
+            rule["resourceNames"] = sorted(targets[ns])
+    for other in sorted(targets.keys() - {ns}):
+        docs.extend(_scale_role(other, sorted(targets[other]), ns))
+
+    _find(docs, "ConfigMap", CONFIG_MAP)["data"] = {"config.yaml": config_text, **extra}
+
+    secret = _find(docs, "Secret", KEYS_SECRET)
+    if opts.generate_secret:
+        secret["stringData"] = generated_secret_data(cfg)
+    else:
+        docs.remove(secret)
+
+    image = opts.router_image or default_router_image()
+    deployment = _find(docs, "Deployment", ROUTER)
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    pod["terminationGracePeriodSeconds"] = math.ceil(
+        PRESTOP_SLEEP_S + cfg.router.drain_timeout_s + GRACE_MARGIN_S
+    )
+    config_sum = hashlib.sha256(json.dumps(
+        {"config.yaml": config_text, **extra}, sort_keys=True).encode()).hexdigest()
+    template["metadata"].setdefault("annotations", {})["checksum/config"] = config_sum
+    _container(pod, "seed-state", "initContainers")["image"] = image
+    router = _container(pod, "router")
+    router["image"] = image
+
+    lb = _find(docs, "Service", ROUTER)
+    if cfg.router.tls is not None:
+        for probe in ("livenessProbe", "readinessProbe"):
+            router[probe]["httpGet"]["scheme"] = "HTTPS"
+        router["volumeMounts"].append(
+            {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True})
+        pod["volumes"].append({"name": "tls", "secret": {"secretName": TLS_SECRET}})
+        lb["spec"]["ports"] = [
+            {"name": "https", "port": 443, "targetPort": "scoring", "protocol": "TCP"}
+        ]
+    return docs
+
+
+# ---- everything -------------------------------------------------------------------------------
+
+
+def render_kubernetes(cfg: MlfeConfig, base_dir: Path, opts: RenderOptions) -> list[Manifest]:
+    """Every object: the router's first, then each `entry_script` service's Deployment and
+    Service."""
+    if not _DNS_LABEL.match(opts.namespace):
+        raise RenderError(
+            f"--namespace: {opts.namespace!r} is not a Kubernetes namespace name (lowercase "
+            "letters, digits and '-', at most 63, starting and ending with a letter or digit)"
+        )
+    models = [n for n, s in cfg.services.items() if s.entry_script is not None]
+    for name in models:
+        if name in (ROUTER, ROUTER_ADMIN):
+            raise RenderError(
+                f"services.{name}: the name is taken by the router's own objects; rename it"
+            )
+    if models and not opts.image:
+        raise RenderError(
+            f"services.{models[0]}: entry_script services run in an image of yours: give it "
+            "with --image (FROM the mlfe image, the config's directory copied to "
+            f"{APP_ROOT}; see deploy/kubernetes/README.md)"
+        )
+    config, extra = cluster_config(cfg, base_dir, opts.namespace)
+    config_text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+    docs = router_objects(cfg, opts, config_text, extra)
+    for name in models:
+        assert opts.image is not None
+        docs.extend(model_objects(name, cfg.services[name], base_dir, opts.namespace, opts.image))
+    return docs
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # shared label dicts are written out, never as &anchors
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar(
+        "tag:yaml.org,2002:str", data, style="|" if "\n" in data else None
+    )
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_documents(docs: list[Manifest], header: str = "") -> str:
+    body = yaml.dump_all(
+        docs, Dumper=_Dumper, sort_keys=False, explicit_start=True, default_flow_style=False
+    )
+    return header + body
+
+
+def _is_model(doc: Manifest) -> bool:
+    labels = doc["metadata"].get("labels", {})
+    return bool(labels.get("app.kubernetes.io/component") == "model")
+
+
+def write_output(docs: list[Manifest], output: str, header: str) -> list[Path]:
+    """`-`: everything to stdout. A directory: router.yaml, secret.yaml (owner-only, with
+    --generate-secret) and one service-<name>.yaml per model service."""
+    if output == "-":
+        sys.stdout.write(dump_documents(docs, header))
+        return []
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise RenderError(f"--output: {output!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[Manifest]] = {"router.yaml": []}
+    for d in docs:
+        if d["kind"] == "Secret":
+            files.setdefault("secret.yaml", []).append(d)
+        elif _is_model(d):
+            files.setdefault(f"service-{d['metadata']['name']}.yaml", []).append(d)
+        else:
+            files["router.yaml"].append(d)
+    written = []
+    for filename, group in files.items():
+        path = out / filename
+        if filename == "secret.yaml":
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+        path.write_text(dump_documents(group, header), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def run_render(
+    config: str,
+    target: str = "kubernetes",
+    namespace: str | None = None,
+    image: str | None = None,
+    router_image: str | None = None,
+    output: str | None = None,
+    generate_secret: bool = False,
+) -> int:
+    """The `mlfe render` command: 0, or 2 with the reason on stderr."""
+    if target not in TARGETS:
+        print(f"mlfe: --target: unknown target {target!r} (known: {', '.join(TARGETS)})",
+              file=sys.stderr)
+        return 2
+    opts = RenderOptions(
+        namespace=namespace or DEFAULT_NAMESPACE,
+        image=image,
+        router_image=router_image,
+        generate_secret=generate_secret,
+    )
+    try:
+        cfg = load_config(config)
+        base_dir = Path(config).resolve().parent
+        docs = render_kubernetes(cfg, base_dir, opts)
+        header = (f"# Rendered by `mlfe render --target {target}` from {config}, "
+                  f"namespace {opts.namespace}.\n")
+        written = write_output(docs, output or "-", header)
+    except ConfigError as e:
+        print(f"mlfe: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"mlfe: wrote {path}", file=sys.stderr)
+    if not generate_secret:
+        with_keys = [
+            f"{kind}.{name}"
+            for kind, owners in (("services", cfg.services), ("endpoints", cfg.endpoints))
+            for name, owner in owners.items()
+            if owner.primary_key is not None or owner.secondary_key is not None
+        ]
+        if with_keys:
+            print(f"mlfe: note: the keys set for {', '.join(with_keys)} are not in the "
+                  f"ConfigMap; they reach the router only through the Secret {KEYS_SECRET} "
+                  "(--generate-secret)", file=sys.stderr)
+    return 0
