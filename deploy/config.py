@@ -353,11 +353,18 @@ def resolve_paths(cfg: MlfeConfig, base: Path) -> MlfeConfig:
         tls = router.tls.model_copy(update={"cert_file": rel(router.tls.cert_file),
                                             "key_file": rel(router.tls.key_file)})
         router = router.model_copy(update={"tls": tls})
-    issuers = [i.model_copy(update={"jwks_file": rel(i.jwks_file)}) for i in router.token_issuers]
-    router = router.model_copy(update={"token_issuers": issuers})
+    if any(i.jwks_file for i in router.token_issuers):
+        issuers = [i.model_copy(update=_paths(jwks_file=rel(i.jwks_file)))
+                   for i in router.token_issuers]
+        router = router.model_copy(update={"token_issuers": issuers})
     services = {
-        name: s.model_copy(update={"entry_script": rel(s.entry_script),
-                                   "model_dir": rel(s.model_dir)})
+        name: s.model_copy(update=_paths(entry_script=rel(s.entry_script),
+                                         model_dir=rel(s.model_dir)))
         for name, s in cfg.services.items()
     }
     return cfg.model_copy(update={"router": router, "services": services})
+
+
+def _paths(**values: Path | None) -> dict[str, Path]:
+    # Only keys that have a value: a copy must not mark unset fields as set.
+    return {k: v for k, v in values.items() if v is not None}

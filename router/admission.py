@@ -28,6 +28,7 @@ class Replica:
     """One model replica as admission sees it: an address and its in-flight count."""
 
     addr: str
+    cap: int = 1  # slots this router may use on it (all of them, unless coordinated)
     in_flight: int = 0
     in_rotation: bool = True
     removed: bool = False
@@ -55,10 +56,13 @@ Handoff = tuple[Waiter, Replica]
 class ServicePool:
     """Slots and queue of one service. Not thread-safe: used from the event loop only."""
 
-    max_concurrent: int
+    max_concurrent: int  # replica_max_concurrent_requests: a replica's cap across routers
     max_wait_s: float
     max_queue: int
     rand: Callable[[], float] = random.random
+    # With several routers the slot broker hands out each replica's slots: a new replica
+    # starts with none here until it grants some (router/coordination.py).
+    coordinated: bool = False
     replicas: list[Replica] = field(default_factory=list)
     _waiters: deque[Waiter] = field(default_factory=deque)
     queued: int = 0  # live (not cancelled) waiters
@@ -68,41 +72,52 @@ class ServicePool:
     # ---- replica set ---------------------------------------------------------------------
 
     def add(self, addr: str, conns: object = None) -> tuple[Replica, list[Handoff]]:
-        replica = Replica(addr, conns=conns)
+        cap = 0 if self.coordinated else self.max_concurrent
+        replica = Replica(addr, cap=cap, conns=conns)
         self.replicas.append(replica)
-        self._free += self.max_concurrent
+        self._recount()
         return replica, self._drain_queue()
 
     def remove(self, replica: Replica) -> None:
         """Stop sending to `replica`; its in-flight requests finish and release normally."""
         if replica.removed:
             return
-        if replica.in_rotation:
-            self._free -= self.max_concurrent - replica.in_flight
         replica.removed = True
         replica.in_rotation = False
         self.replicas.remove(replica)
+        self._recount()
 
     def mark_down(self, replica: Replica) -> None:
         """Take a failing replica out of rotation until it is marked up again."""
         if replica.in_rotation:
             replica.in_rotation = False
-            self._free -= self.max_concurrent - replica.in_flight
+            self._recount()
 
     def mark_up(self, replica: Replica) -> list[Handoff]:
         if replica.removed or replica.in_rotation:
             return []
         replica.in_rotation = True
-        self._free += self.max_concurrent - replica.in_flight
+        self._recount()
+        return self._drain_queue()
+
+    def set_cap(self, replica: Replica, cap: int) -> list[Handoff]:
+        """The slots this router may use on `replica` (a coordinated grant or take-back).
+        A lowered cap only stops new requests: those in flight finish."""
+        replica.cap = cap
+        self._recount()
         return self._drain_queue()
 
     def set_limits(self, max_concurrent: int, max_wait_s: float, max_queue: int) -> list[Handoff]:
         """Apply new limits (config reload); a raised cap hands slots to waiters at once."""
         self.max_concurrent, self.max_wait_s, self.max_queue = max_concurrent, max_wait_s, max_queue
-        self._free = sum(
-            max(0, max_concurrent - r.in_flight) for r in self.replicas if r.in_rotation
-        )
+        if not self.coordinated:
+            for r in self.replicas:
+                r.cap = max_concurrent
+        self._recount()
         return self._drain_queue()
+
+    def _recount(self) -> None:
+        self._free = sum(max(0, r.cap - r.in_flight) for r in self.replicas if r.in_rotation)
 
     @property
     def ready(self) -> int:
@@ -132,8 +147,8 @@ class ServicePool:
         """Free `replica`'s slot; if someone waits, the slot goes to the oldest waiter."""
         replica.in_flight -= 1
         self.busy -= 1
-        if not replica.in_rotation:
-            return None
+        if not replica.in_rotation or replica.in_flight >= replica.cap:
+            return None  # (a lowered cap: this slot is not ours to reuse)
         self._free += 1
         while self.queued:
             waiter = self._waiters.popleft()
@@ -204,15 +219,14 @@ class ServicePool:
         when both choices are full (so a free slot is never missed)."""
         reps = self.replicas
         n = len(reps)
-        cap = self.max_concurrent
         if n == 1:
             r = reps[0]
-            return r if r.in_rotation and r.in_flight < cap else None
+            return r if r.in_rotation and r.in_flight < r.cap else None
         rand = self.rand
         a = reps[int(rand() * n)]
         b = reps[int(rand() * n)]
-        a_ok = a.in_rotation and a.in_flight < cap
-        b_ok = b.in_rotation and b.in_flight < cap
+        a_ok = a.in_rotation and a.in_flight < a.cap
+        b_ok = b.in_rotation and b.in_flight < b.cap
         if a_ok and b_ok:
             return a if a.in_flight <= b.in_flight else b
         if a_ok:
@@ -221,7 +235,7 @@ class ServicePool:
             return b
         best: Replica | None = None
         for r in reps:
-            if not r.in_rotation or r.in_flight >= cap:
+            if not r.in_rotation or r.in_flight >= r.cap:
                 continue
             if best is None or r.in_flight < best.in_flight:
                 best = r

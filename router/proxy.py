@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,8 @@ class ScoringHandler:
         self.endpoint_names: frozenset[str] = frozenset()
         self.rand = random.random
         self.draining = False
+        # Extra readiness (the sidecar follows its model's liveness); True when unset.
+        self.ready_check: Callable[[], bool] = lambda: True
         self.in_progress = 0  # forwards not yet finished (what a graceful drain waits for)
 
     def handle(self, ex: Exchange) -> None:
@@ -263,6 +266,8 @@ class ScoringHandler:
             ex.respond_error(errors.method_not_allowed(b"GET"))
         elif kind is RouteKind.READY and self.draining:
             ex.respond_error(errors.draining())
+        elif kind is RouteKind.READY and not self.ready_check():
+            ex.respond_error(errors.RouterError(503, "Not ready: the model is not live"))
         else:
             ex.respond(200, _JSON, b'{"status":"Healthy"}')
 

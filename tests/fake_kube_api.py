@@ -39,7 +39,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import trustme
 from aiohttp import web
 from referencing import Registry, Resource
@@ -255,9 +255,13 @@ class FakeKubeApi:
         self.compacted = self.rv  # a watch may resume from this version or later
         self.log: list[tuple[int, str, str, str, Obj]] = []  # (rv, resource, ns, type, obj)
         self.watchers: set[Watcher] = set()
+        self.watches_opened = 0
         self.requests: list[Seen] = []
         self.faults: list[Fault] = []
         self.invalid: list[str] = []
+        # Called with each request before it is served: lets a test change the cluster "in
+        # between" two calls of the code under test.
+        self.before: Callable[[Seen], None] | None = None
         self._request_seen = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -410,9 +414,9 @@ class FakeKubeApi:
     # ---- test control: faults -----------------------------------------------------------------
 
     def compact(self) -> None:
-        """Forget the event log: a watch from any version seen so far now gets 410 Expired."""
+        """Forget the event log: a watch from any older version now gets 410 Expired."""
         self.log.clear()
-        self.compacted = self.rv + 1
+        self.compacted = self.rv
 
     def drop_watches(self, *, clean: bool = False) -> int:
         """Cut every open watch stream (or, ``clean``, end it as a server timeout does)."""
@@ -451,9 +455,9 @@ class FakeKubeApi:
                 await self._request_seen.wait()
 
     async def wait_watching(self, n: int = 1, within: float = WAIT_S) -> None:
-        """Until ``n`` watch streams are open."""
+        """Until ``n`` watch streams have been opened in all, and one is open."""
         async with asyncio.timeout(within):
-            while len(self.watchers) < n:
+            while self.watches_opened < n or not self.watchers:
                 self._request_seen.clear()
                 await self._request_seen.wait()
 
@@ -488,6 +492,8 @@ class FakeKubeApi:
         self.requests.append(seen)
         self._request_seen.set()
         try:
+            if self.before is not None:
+                self.before(seen)
             resp = await self._serve(request, seen)
         except ApiStatus as e:
             headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
@@ -572,6 +578,7 @@ class FakeKubeApi:
                 await resp.write_eof()
                 return resp
             self.watchers.add(w)
+            self.watches_opened += 1
             self._request_seen.set()
             for kind, obj in backlog:
                 await self._write_event(resp, kind, copy.deepcopy(obj))
@@ -695,9 +702,10 @@ class FakeKubeApi:
             if self.lease(ns, lname) is not None:
                 raise ApiStatus(409, "AlreadyExists", f'leases.coordination.k8s.io "{lname}" '
                                 "already exists", kind="leases", name=lname)
-            obj = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                   "metadata": self._new_meta(lname, ns), "spec": body.get("spec") or {}}
-            del obj["metadata"]["generation"]
+            meta = self._new_meta(lname, ns)
+            del meta["generation"]
+            obj: Obj = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": meta, "spec": body.get("spec") or {}}
             return self._json(self._store("leases", ns, obj, "ADDED"), status=201)
         if name is None:
             raise ApiStatus(405, "MethodNotAllowed", f"{seen.method} is not supported here")

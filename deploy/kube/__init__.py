@@ -6,7 +6,7 @@ service is configured with ``kubernetes:``.
 
 from deploy.kube.api import ROLE_RULES, Backoff, KubeApi, KubeError
 from deploy.kube.discovery import EndpointWatcher, ready_addresses
-from deploy.kube.leader import LeaderElector, default_identity
+from deploy.kube.leader import LeaderElector, default_identity, follow_leadership
 from deploy.kube.peers import PeerCounts, peer_watcher, pod_ip
 from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader, NotObserved
 from deploy.kube.target import KubernetesTarget
@@ -25,6 +25,7 @@ __all__ = [
     "NotObserved",
     "PeerCounts",
     "default_identity",
+    "follow_leadership",
     "peer_watcher",
     "pod_ip",
     "ready_addresses",

@@ -139,9 +139,10 @@ class EndpointWatcher:
             try:
                 if self._rv is None:
                     await self._relist()
-                if await self._watch():
+                ran_its_course = await self._watch()
+                self._expired = 0  # the version was accepted
+                if ran_its_course:
                     self._backoff.reset()  # the backoff only resets once a watch works
-                    self._expired = 0
                     continue  # a routine end: resume at once
                 log.info("endpoints %s: watch stream ended early; resuming from %s",
                          self.name, self._rv)
@@ -157,6 +158,7 @@ class EndpointWatcher:
                     continue
                 delay = self._backoff.next()
             except StreamDropped as e:
+                self._expired = 0  # the version was accepted before the stream broke
                 log.info("endpoints %s: watch stream dropped (%s); resuming from %s",
                          self.name, e, self._rv)
                 delay = self._backoff.next()
@@ -183,7 +185,6 @@ class EndpointWatcher:
         async with contextlib.aclosing(stream) as events_in:
             async for event in events_in:
                 events += 1
-                self._expired = 0
                 self._apply(event)
                 rv = event.resource_version
                 if rv:

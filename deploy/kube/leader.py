@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -214,3 +214,16 @@ class LeaderElector:
                        self._clock.now())
         except KubeError as e:
             log.warning("lease %s/%s: could not release: %s", self.namespace, self.name, e)
+
+
+async def follow_leadership(elector: LeaderElector, start: Callable[[], Awaitable[None]],
+                            stop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``start()`` each time this pod becomes the leader and ``stop()`` each time it stops
+    being it (and on cancellation while leading). Runs until cancelled."""
+    while True:
+        await elector.wait_leading(True)
+        await start()
+        try:
+            await elector.wait_leading(False)
+        finally:
+            await stop()

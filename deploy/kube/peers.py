@@ -128,7 +128,8 @@ class PeerCounts:
         """Fetch every peer's stats once, concurrently."""
         if self._client is None:
             self._client = httpx.AsyncClient(
-                timeout=self._timeout_s, headers={"Authorization": f"Bearer {self._token}"})
+                timeout=self._timeout_s, headers={"Authorization": f"Bearer {self._token}"},
+                trust_env=False)  # pod to pod: never through an HTTP(S)_PROXY
         peers = list(self._peers)
         results = await asyncio.gather(*(self._fetch(self._client, p) for p in peers))
         current = set(self._peers)  # the peer set may have changed meanwhile

@@ -77,6 +77,7 @@ class KubeScaler:
         self._poll_s = poll_s
         self._on_external_change = on_external_change
         self._targets: dict[str, _Target] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # polls of forgotten targets
         self._running = False
 
     # ---- configuration ---------------------------------------------------------------------
@@ -103,6 +104,7 @@ class KubeScaler:
     async def close(self) -> None:
         self._running = False
         tasks = [t.task for t in self._targets.values() if t.task is not None]
+        tasks += self._stopping
         for target in self._targets.values():
             target.task = None
         for task in tasks:
@@ -113,6 +115,8 @@ class KubeScaler:
         target = self._targets.pop(name)
         if target.task is not None:
             target.task.cancel()
+            self._stopping.add(target.task)
+            target.task.add_done_callback(self._stopping.discard)
 
     def _spawn(self, name: str) -> None:
         target = self._targets[name]

@@ -1,0 +1,245 @@
+"""Coordinated admission across router instances: a slot broker, as pure state.
+
+`replica_max_concurrent_requests` must hold per replica however many router instances (worker
+processes or pods) send to it. The broker owns every replica's slots and lends them out: each
+instance admits locally, with no message per request, against the slots it holds, and reports
+its demand (busy + queued) every few tens of milliseconds. The broker moves slots toward demand:
+
+* A slot is taken back in two steps: the broker lowers the holder's count (the holder stops
+  starting requests on it at once) and counts the slot as still held until the holder says its
+  in-flight requests fit under the new count. Only then can another instance get it. So the sum
+  of what instances may use on a replica never exceeds its cap, even while slots move.
+* Demand-proportional shares: the slots needed to serve current demand go to instances in
+  proportion to their demand; spare slots are spread evenly, so a lightly loaded instance rarely
+  waits for a grant.
+* An instance that disappears keeps its slots, as far as the broker knows, until the I/O layer
+  calls `leave` (after a grace period covering requests the replica may still be running).
+
+Everything here is a function of the calls made; no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SetSlots:
+    """Tell `member` it may now use `slots` slots of `replica` of `service`."""
+
+    member: str
+    service: str
+    replica: str
+    slots: int
+
+
+@dataclass
+class _Replica:
+    cap: int
+    held: dict[str, int] = field(default_factory=dict)  # member -> slots counted as its own
+    lowering: dict[str, int] = field(default_factory=dict)  # member -> count it was told
+
+    def free(self) -> int:
+        return self.cap - sum(self.held.values())
+
+
+@dataclass
+class _Service:
+    replicas: dict[str, _Replica] = field(default_factory=dict)
+    known_by: dict[str, set[str]] = field(default_factory=dict)  # replica -> members
+    demand: dict[str, int] = field(default_factory=dict)  # member -> busy + queued
+    turn: int = 0  # rotates who gets odd spare slots, so none is always last
+
+
+def shares(total: int, weights: Mapping[str, int], turn: int = 0) -> dict[str, int]:
+    """Split `total` in proportion to `weights` (largest remainder); ties broken by `turn`."""
+    names = sorted(weights)
+    out = dict.fromkeys(names, 0)
+    wsum = sum(weights.values())
+    if total <= 0 or not names:
+        return out
+    if wsum <= 0:
+        for i in range(total):
+            out[names[(i + turn) % len(names)]] += 1
+        return out
+    rema: list[tuple[float, int, str]] = []
+    given = 0
+    for i, n in enumerate(names):
+        exact = total * weights[n] / wsum
+        out[n] = int(exact)
+        given += out[n]
+        rema.append((exact - out[n], -((i - turn) % len(names)), n))
+    for _, _, n in sorted(rema, reverse=True)[: total - given]:
+        out[n] += 1
+    return out
+
+
+class SlotBroker:
+    def __init__(self) -> None:
+        self._services: dict[str, _Service] = {}
+
+    # ---- what members tell the broker ------------------------------------------------------
+
+    def report(
+        self,
+        member: str,
+        service: str,
+        demand: int,
+        replicas: Mapping[str, int],
+        holding: Mapping[str, int] | None = None,
+    ) -> list[SetSlots]:
+        """A member's view of a service: the replicas it can reach with their caps, its
+        demand, and (on (re)joining) the slots it holds now. Returns the changes to send."""
+        svc = self._services.setdefault(service, _Service())
+        svc.demand[member] = demand
+        mine = set(replicas)
+        out: list[SetSlots] = []
+        for addr in list(svc.known_by):
+            members = svc.known_by[addr]
+            if addr not in mine and member in members:
+                members.discard(member)
+                out += self._drop_member_replica(svc, service, member, addr)
+        for addr, cap in replicas.items():
+            svc.known_by.setdefault(addr, set()).add(member)
+            rep = svc.replicas.setdefault(addr, _Replica(cap))
+            rep.cap = cap
+        if holding:
+            out += self._adopt(svc, service, member, holding)
+        self._forget_unknown(svc)
+        return out + self._rebalance(service, svc)
+
+    def released(self, member: str, service: str, replica: str, slots: int) -> list[SetSlots]:
+        """`member` now has at most `slots` requests in flight on `replica`."""
+        svc = self._services.get(service)
+        if svc is None or replica not in svc.replicas:
+            return []
+        rep = svc.replicas[replica]
+        told = rep.lowering.get(member)
+        if told is not None and slots <= told:
+            del rep.lowering[member]
+            self._set_held(rep, member, slots)
+        return self._rebalance(service, svc)
+
+    def leave(self, member: str) -> list[SetSlots]:
+        """`member` is gone (and its requests with it): its slots return to the pool."""
+        out: list[SetSlots] = []
+        for name, svc in self._services.items():
+            svc.demand.pop(member, None)
+            for rep in svc.replicas.values():
+                rep.held.pop(member, None)
+                rep.lowering.pop(member, None)
+            for members in svc.known_by.values():
+                members.discard(member)
+            self._forget_unknown(svc)
+            out += self._rebalance(name, svc)
+        return out
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def held(self, service: str) -> dict[str, dict[str, int]]:
+        """replica -> member -> slots counted as held (for tests and /v1/stats)."""
+        svc = self._services.get(service)
+        if svc is None:
+            return {}
+        return {addr: dict(rep.held) for addr, rep in svc.replicas.items()}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _set_held(rep: _Replica, member: str, slots: int) -> None:
+        if slots:
+            rep.held[member] = slots
+        else:
+            rep.held.pop(member, None)
+
+    def _adopt(self, svc: _Service, service: str, member: str,
+               holding: Mapping[str, int]) -> list[SetSlots]:
+        """A member (re)joins holding slots (the broker restarted, or it reconnected): keep
+        what fits under each cap, take the rest back."""
+        out: list[SetSlots] = []
+        for addr, slots in holding.items():
+            rep = svc.replicas.get(addr)
+            if rep is None or slots <= 0:
+                continue
+            keep = min(slots, rep.held.get(member, 0) + rep.free())
+            self._set_held(rep, member, slots)  # counted until it releases the excess
+            if keep < slots:
+                rep.lowering[member] = keep
+                out.append(SetSlots(member, service, addr, keep))
+        return out
+
+    def _drop_member_replica(self, svc: _Service, service: str, member: str,
+                             addr: str) -> list[SetSlots]:
+        rep = svc.replicas.get(addr)
+        if rep is None or member not in rep.held:
+            return []
+        # The member no longer sends to it: its requests there are done or failed.
+        rep.held.pop(member, None)
+        rep.lowering.pop(member, None)
+        return []
+
+    @staticmethod
+    def _forget_unknown(svc: _Service) -> None:
+        for addr in [a for a, m in svc.known_by.items() if not m]:
+            del svc.known_by[addr]
+            svc.replicas.pop(addr, None)
+
+    def _rebalance(self, service: str, svc: _Service) -> list[SetSlots]:
+        members = sorted(svc.demand)
+        if not members or not svc.replicas:
+            return []
+        total = sum(r.cap for r in svc.replicas.values())
+        demand = {m: max(0, svc.demand.get(m, 0)) for m in members}
+        busy = min(total, sum(demand.values()))
+        target = shares(busy, demand, svc.turn)
+        spare = shares(total - busy, dict.fromkeys(members, 0), svc.turn)
+        svc.turn += 1
+        for m in members:
+            target[m] += spare[m]
+        out: list[SetSlots] = []
+        # 1. Take back from members over their target, only as much as others need beyond
+        # the free slots (no churn when nobody is short).
+        counted = {m: self._counted(svc, m) for m in members}
+        short = sum(max(0, target[m] - counted[m]) for m in members)
+        take = max(0, short - sum(max(0, r.free()) for r in svc.replicas.values()))
+        for m in sorted(members, key=lambda m: target[m] - counted[m]):
+            excess = min(counted[m] - target[m], take)
+            if excess <= 0:
+                continue
+            take -= excess
+            for addr, rep in sorted(svc.replicas.items(),
+                                    key=lambda kv: -self._usable(kv[1], m)):
+                if excess <= 0:
+                    break
+                usable = self._usable(rep, m)
+                cut = min(usable, excess)
+                if cut:
+                    rep.lowering[m] = usable - cut
+                    excess -= cut
+                    out.append(SetSlots(m, service, addr, usable - cut))
+        # 2. Give free slots to members under their target.
+        for m in members:
+            need = target[m] - self._counted(svc, m)
+            if need <= 0:
+                continue
+            for addr, rep in sorted(svc.replicas.items(), key=lambda kv: -kv[1].free()):
+                if need <= 0:
+                    break
+                if m not in svc.known_by.get(addr, ()) or m in rep.lowering:
+                    continue
+                give = min(rep.free(), need)
+                if give > 0:
+                    self._set_held(rep, m, rep.held.get(m, 0) + give)
+                    need -= give
+                    out.append(SetSlots(m, service, addr, rep.held[m]))
+        return out
+
+    @staticmethod
+    def _usable(rep: _Replica, member: str) -> int:
+        """What `member` was last told it may use on `rep`."""
+        return rep.lowering.get(member, rep.held.get(member, 0))
+
+    def _counted(self, svc: _Service, member: str) -> int:
+        """Slots the member will hold once pending releases land (its share after cuts)."""
+        return sum(self._usable(rep, member) for rep in svc.replicas.values())

@@ -1,0 +1,146 @@
+"""The slot broker as pure state: shares follow demand, the cap holds while slots move, and a
+departed member's slots come back."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import pytest
+
+from router.coordination import SetSlots, SlotBroker, shares
+
+
+def test_shares_largest_remainder_and_rotation() -> None:
+    assert shares(4, {"a": 1, "b": 1}) == {"a": 2, "b": 2}
+    assert shares(3, {"a": 2, "b": 1}) == {"a": 2, "b": 1}
+    assert shares(0, {"a": 5}) == {"a": 0}
+    assert sum(shares(7, {"a": 1, "b": 1, "c": 1}).values()) == 7
+    odd = [shares(1, {"a": 0, "b": 0}, turn=t) for t in range(2)]
+    assert odd == [{"a": 1, "b": 0}, {"a": 0, "b": 1}]  # spare slots take turns
+
+
+class Member:
+    """A member as the I/O layer would run it: usable slots per replica, requests in flight,
+    and a release sent once in-flight fits under a lowered count."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.usable: dict[str, int] = defaultdict(int)
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.queued = 0
+        self.pending_release: dict[str, int] = {}
+
+    def apply(self, msg: SetSlots) -> None:
+        self.usable[msg.replica] = msg.slots
+        if self.in_flight[msg.replica] <= msg.slots:
+            self.pending_release[msg.replica] = msg.slots
+        else:
+            self.pending_release.pop(msg.replica, None)
+
+
+def deliver(broker: SlotBroker, members: dict[str, Member], msgs: list[SetSlots]) -> None:
+    while msgs:
+        msg = msgs.pop(0)
+        m = members.get(msg.member)
+        if m is None:
+            continue
+        m.apply(msg)
+        for addr, slots in list(m.pending_release.items()):
+            if m.in_flight[addr] <= slots:
+                del m.pending_release[addr]
+                msgs += broker.released(m.name, "svc", addr, slots)
+
+
+def test_two_members_share_and_slots_follow_demand() -> None:
+    broker = SlotBroker()
+    members = {n: Member(n) for n in ("a", "b")}
+    reps = ["r1", "r2"]
+    deliver(broker, members, broker.report("a", "svc", 0, dict.fromkeys(reps, 2)))
+    deliver(broker, members, broker.report("b", "svc", 0, dict.fromkeys(reps, 2)))
+    assert sum(members["a"].usable.values()) + sum(members["b"].usable.values()) == 4
+    assert sum(members["a"].usable.values()) == 2  # idle: spare slots spread evenly
+    # All demand at a: b's slots move to a (b is idle, so it releases at once).
+    deliver(broker, members, broker.report("a", "svc", 10, dict.fromkeys(reps, 2)))
+    deliver(broker, members, broker.report("b", "svc", 0, dict.fromkeys(reps, 2)))
+    assert sum(members["a"].usable.values()) == 4
+    assert sum(members["b"].usable.values()) == 0
+
+
+def test_a_busy_slot_moves_only_after_release() -> None:
+    broker = SlotBroker()
+    members = {n: Member(n) for n in ("a", "b")}
+    deliver(broker, members, broker.report("a", "svc", 1, {"r1": 1}))
+    assert members["a"].usable["r1"] == 1
+    members["a"].in_flight["r1"] = 1
+    deliver(broker, members, broker.report("b", "svc", 0, {"r1": 1}))
+    deliver(broker, members, broker.report("a", "svc", 1, {"r1": 1}))
+    deliver(broker, members, broker.report("b", "svc", 5, {"r1": 1}))
+    # b wants it; a is told to stop using it but is still busy: b gets nothing yet.
+    assert members["a"].usable["r1"] == 0 and members["b"].usable["r1"] == 0
+    assert broker.held("svc")["r1"] == {"a": 1}
+    members["a"].in_flight["r1"] = 0
+    deliver(broker, members, broker.released("a", "svc", "r1", 0))
+    assert members["b"].usable["r1"] == 1
+
+
+def test_leaving_member_returns_its_slots() -> None:
+    broker = SlotBroker()
+    members = {n: Member(n) for n in ("a", "b")}
+    deliver(broker, members, broker.report("a", "svc", 4, {"r1": 2}))
+    deliver(broker, members, broker.report("b", "svc", 4, {"r1": 2}))
+    assert members["a"].usable["r1"] + members["b"].usable["r1"] == 2
+    del members["a"]
+    deliver(broker, members, broker.leave("a"))
+    assert members["b"].usable["r1"] == 2
+
+
+def test_rejoin_with_holdings_is_trimmed_to_the_cap() -> None:
+    broker = SlotBroker()
+    members = {n: Member(n) for n in ("a", "b")}
+    deliver(broker, members, broker.report("b", "svc", 4, {"r1": 2}))
+    assert members["b"].usable["r1"] == 2
+    # a comes back from a broker restart believing it holds 2 (with 2 in flight).
+    members["a"].usable["r1"] = 2
+    members["a"].in_flight["r1"] = 2
+    deliver(broker, members, broker.report("a", "svc", 2, {"r1": 2}, holding={"r1": 2}))
+    assert members["a"].usable["r1"] == 0  # told to stop: nothing was free for it
+    assert broker.held("svc")["r1"]["a"] == 2  # still counted until it releases
+
+
+@pytest.mark.parametrize("seed", range(6), ids=lambda s: f"seed{s}")
+def test_random_traffic_never_exceeds_any_cap(seed: int) -> None:
+    rnd = random.Random(seed)
+    broker = SlotBroker()
+    caps = {"r1": 2, "r2": 1, "r3": 3}
+    members = {n: Member(n) for n in ("a", "b", "c")}
+    for m in members.values():
+        deliver(broker, members, broker.report(m.name, "svc", 0, caps))
+    for _ in range(4000):
+        m = members[rnd.choice(sorted(members))]
+        op = rnd.random()
+        if op < 0.4:
+            m.queued += 1
+        if op < 0.6 and m.queued:
+            free = [a for a in caps if m.in_flight[a] < min(m.usable[a], caps[a])]
+            if free:
+                m.queued -= 1
+                m.in_flight[rnd.choice(free)] += 1
+        elif op < 0.85:
+            busy = [a for a in caps if m.in_flight[a]]
+            if busy:
+                a = rnd.choice(busy)
+                m.in_flight[a] -= 1
+                slots = m.pending_release.get(a)
+                if slots is not None and m.in_flight[a] <= slots:
+                    del m.pending_release[a]
+                    deliver(broker, members, broker.released(m.name, "svc", a, slots))
+        else:
+            demand = sum(m.in_flight.values()) + m.queued
+            deliver(broker, members, broker.report(m.name, "svc", demand, caps))
+        for addr, cap in caps.items():
+            assert sum(mm.in_flight[addr] for mm in members.values()) <= cap, addr
+            held = broker.held("svc").get(addr, {})
+            assert sum(held.values()) <= cap
+            for mm in members.values():
+                assert mm.in_flight[addr] <= max(mm.usable[addr], held.get(mm.name, 0))

@@ -1,0 +1,201 @@
+"""The Kubernetes actuator: it scales through deployments/{name}/scale only, and never fights a
+human: a spec.replicas it did not set is logged and adopted as the current count."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from autoscaler.clock import FakeClock
+from autoscaler.decider import Counts, ScalingSpec
+from autoscaler.loop import AutoscalerLoop
+from deploy.config import parse_config
+from deploy.kube.api import KubeApi
+from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader, NotObserved
+from deploy.kube.target import KubernetesTarget
+from tests.fake_kube_api import (
+    FakeKubeApi,
+    Seen,
+    WatchedClock,
+    connect_in_cluster,
+    ep,
+    fake_cluster,
+    until,
+)
+
+NS = "models"
+SCALE_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/iris/scale"
+DEPLOYMENT_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/iris"
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    yield
+    leftover = {t for t in asyncio.all_tasks() - {asyncio.current_task()} if not t.done()}
+    assert not leftover, f"tasks left running: {leftover}"
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeKubeApi]:
+    async with fake_cluster(tmp_path) as f:
+        f.put_deployment(NS, "iris", replicas=1)
+        yield f
+    # Whatever happened, the Deployment itself was never written.
+    assert not [r for r in f.requests
+                if r.method in ("PATCH", "PUT", "POST") and r.path == DEPLOYMENT_PATH]
+
+
+@pytest.fixture
+async def api(fake: FakeKubeApi) -> AsyncIterator[KubeApi]:
+    a = await connect_in_cluster(fake)
+    yield a
+    await a.close()
+
+
+@pytest.fixture
+async def scaler(api: KubeApi) -> AsyncIterator[KubeScaler]:
+    s = KubeScaler(api, clock=FakeClock())
+    s.set_targets({"iris": DeploymentRef(NS, "iris")})
+    yield s
+    await s.close()
+
+
+def writes(fake: FakeKubeApi) -> list[Seen]:
+    return [r for r in fake.requests if r.method in ("PATCH", "PUT", "POST")]
+
+
+async def test_scale_patches_the_scale_subresource(fake: FakeKubeApi, scaler: KubeScaler) -> None:
+    with pytest.raises(NotObserved):
+        scaler.current("iris")
+    assert await scaler.refresh("iris") == 1
+    rv = fake.deployment(NS, "iris")["metadata"]["resourceVersion"]
+    await scaler.scale("iris", 3)
+    assert scaler.current("iris") == 3
+    assert fake.deployment(NS, "iris")["spec"]["replicas"] == 3
+    [patch] = writes(fake)
+    assert (patch.method, patch.path, patch.status) == ("PATCH", SCALE_PATH, 200)
+    assert patch.content_type == "application/merge-patch+json"
+    assert patch.body == {"spec": {"replicas": 3}, "metadata": {"resourceVersion": rv}}
+    await scaler.scale("iris", 3)  # already there: nothing to write
+    assert len(writes(fake)) == 1
+    with pytest.raises(KeyError):
+        await scaler.scale("wine", 2)
+
+
+async def test_a_human_change_is_logged_and_adopted(
+    fake: FakeKubeApi, api: KubeApi, caplog: pytest.LogCaptureFixture,
+) -> None:
+    external: list[tuple[str, int]] = []
+    scaler = KubeScaler(api, clock=FakeClock(),
+                        on_external_change=lambda s, n: external.append((s, n)))
+    scaler.set_targets({"iris": DeploymentRef(NS, "iris")})
+    try:
+        await scaler.refresh("iris")
+        await scaler.scale("iris", 3)
+        fake.scale_by_hand(NS, "iris", 5)  # kubectl scale --replicas=5
+        with caplog.at_level(logging.WARNING, logger="deploy.kube.scaler"):
+            await scaler.scale("iris", 4)  # decided from a stale count: not applied
+        assert len(writes(fake)) == 1
+        assert fake.deployment(NS, "iris")["spec"]["replicas"] == 5
+        assert scaler.current("iris") == 5
+        assert external == [("iris", 5)]
+        assert "deployment models/iris: spec.replicas is 5, not the 3 mlfe set" in caplog.text
+        # Decided again from the real count, the next call applies.
+        await scaler.scale("iris", 4)
+        assert fake.deployment(NS, "iris")["spec"]["replicas"] == 4
+    finally:
+        await scaler.close()
+
+
+async def test_a_change_between_read_and_patch_is_not_overwritten(
+    fake: FakeKubeApi, scaler: KubeScaler, caplog: pytest.LogCaptureFixture,
+) -> None:
+    await scaler.refresh("iris")
+
+    def human_first(r: Seen) -> None:
+        if r.method == "PATCH":
+            fake.before = None
+            fake.scale_by_hand(NS, "iris", 6)
+
+    fake.before = human_first
+    with caplog.at_level(logging.WARNING, logger="deploy.kube.scaler"):
+        await scaler.scale("iris", 2)
+    [patch] = writes(fake)
+    assert patch.status == 409  # conditional on the version it read
+    assert fake.deployment(NS, "iris")["spec"]["replicas"] == 6
+    assert scaler.current("iris") == 6
+    assert "spec.replicas is 6, not the 1 mlfe last saw" in caplog.text
+
+
+async def test_polling_notices_a_human_change(
+    fake: FakeKubeApi, api: KubeApi, caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = WatchedClock()
+    scaler = KubeScaler(api, clock=clock, poll_s=5.0)
+    scaler.set_targets({"iris": DeploymentRef(NS, "iris")})
+    scaler.start()
+    try:
+        await asyncio.wait_for(scaler.wait_observed(), 10)
+        assert await clock.wait_sleeps(1) == 5.0
+        fake.scale_by_hand(NS, "iris", 7)
+        with caplog.at_level(logging.WARNING, logger="deploy.kube.scaler"):
+            clock.advance(5.0)
+            await until(lambda: scaler.current("iris") == 7)
+        assert "spec.replicas is 7" in caplog.text
+        fake.fail("GET", "scale$", 500)  # a failed read keeps the count and tries again
+        clock.advance(5.0)
+        await clock.wait_sleeps(3)
+        assert scaler.current("iris") == 7
+    finally:
+        await scaler.close()
+
+
+async def test_only_the_leader_scales(fake: FakeKubeApi, api: KubeApi) -> None:
+    leading = False
+    scaler = KubeScaler(api, clock=FakeClock(), may_scale=lambda: leading)
+    scaler.set_targets({"iris": DeploymentRef(NS, "iris")})
+    try:
+        await scaler.refresh("iris")
+        with pytest.raises(NotLeader):
+            await scaler.scale("iris", 3)
+        assert writes(fake) == []
+        leading = True
+        await scaler.scale("iris", 3)
+        assert fake.deployment(NS, "iris")["spec"]["replicas"] == 3
+    finally:
+        await scaler.close()
+
+
+class Busy:
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+
+    def counts(self, service: str) -> Counts:
+        return Counts(busy=self.busy, queued=0, replicas=1)
+
+
+async def test_the_autoscaler_drives_the_target(fake: FakeKubeApi, api: KubeApi) -> None:
+    """The runtime's wiring: AutoscalerLoop -> KubernetesTarget -> PATCH .../scale."""
+    cfg = parse_config({"services": {"iris": {
+        "kubernetes": {"namespace": NS, "deployment": "iris"}, "auth_enabled": False}}})
+    fake.put_slice(NS, "iris-a", "iris", [ep("192.0.2.1")])
+    clock = FakeClock()
+    target = KubernetesTarget({}, api, clock=clock)
+    target.configure({}, cfg.services)
+    loop = AutoscalerLoop(counts=Busy(5), actuator=target, clock=clock)
+    loop.set_services({"iris": ScalingSpec(min_replicas=1, max_replicas=10)})
+    try:
+        await asyncio.wait_for(target.wait_synced(), 10)
+        loop.start()  # first tick at once: 5 busy at 70 % -> 8 replicas
+        patch = await fake.wait_request(lambda r: r.method == "PATCH")
+        assert re.fullmatch(SCALE_PATH, patch.path)
+        assert patch.body["spec"] == {"replicas": 8}
+        await until(lambda: target.current("iris") == 8)
+    finally:
+        await loop.stop()
+        await target.close()
