@@ -333,6 +333,21 @@ def machine_busy() -> tuple[int, int]:
     return total - idle, total
 
 
+def wait_for_quiet(max_load_cores: float, max_wait_s: float, window_s: float = 0.5) -> float:
+    """Sample how busy the whole machine is over short windows until it is at most
+    `max_load_cores` or `max_wait_s` has passed; the last sample, in cores. (Call it while the
+    benchmark's own processes are idle, so what it sees is everyone else.)"""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy_before, _ = machine_busy()
+        start = time.monotonic()
+        time.sleep(window_s)  # the sampling window, not a wait for readiness
+        busy_after, _ = machine_busy()
+        load = (busy_after - busy_before) / CLK_TCK / (time.monotonic() - start)
+        if load <= max_load_cores or time.monotonic() >= deadline:
+            return load
+
+
 def child_pids(parent: int) -> list[int]:
     """Live processes whose parent is `parent` (e.g. an nginx master's workers)."""
     found = []

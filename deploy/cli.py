@@ -23,6 +23,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--config", required=True, help="YAML configuration file")
     p = sub.add_parser("up", help="`serve` with friendly output (default: the bundled example)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML configuration file")
+    # Started by `serve` when router.workers > 1; not meant to be run by hand.
+    p = sub.add_parser("worker", help=argparse.SUPPRESS)
+    p.add_argument("--config", required=True)
+    p.add_argument("--broker", required=True)
+    p.add_argument("--member", required=True)
 
 
 def _add_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deploy.runtime import run
 
         return run(args.config, log_level=args.log_level, friendly=args.command == "up")
+    if args.command == "worker":
+        from deploy.workers import run_worker
+
+        return run_worker(args.config, args.broker, args.member, log_level=args.log_level)
     if hasattr(args, "admin_handler"):
         from deploy.admin_client import run_admin_command
 

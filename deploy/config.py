@@ -65,6 +65,40 @@ class TokenIssuer(_Model):
         return self
 
 
+def _check_address(v: str | None) -> str | None:
+    if v is not None and not v.startswith("unix:"):
+        parse_hostport(v)
+    return v
+
+
+class CoordinationSettings(_Model):
+    """Several router instances sending to the same replicas share each replica's slots
+    through a slot broker (router/coordination.py): one instance runs it (`listen`), every
+    instance joins it (`broker`; the one that runs it joins its own by default)."""
+
+    listen: str | None = None
+    broker: str | None = None
+    grace_seconds: PositiveFloat = 2.0
+    member_id: str | None = None  # default: host name and process id
+
+    @field_validator("listen", "broker")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        return _check_address(v)
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> CoordinationSettings:
+        if self.listen is None and self.broker is None:
+            raise ValueError("set listen (run the broker here) and/or broker (join one)")
+        return self
+
+    @property
+    def broker_address(self) -> str:
+        address = self.broker or self.listen
+        assert address is not None
+        return address
+
+
 class RouterSettings(_Model):
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:8081"
@@ -82,6 +116,9 @@ class RouterSettings(_Model):
     client_header_timeout_s: PositiveFloat = 60.0
     client_body_timeout_s: PositiveFloat = 60.0
     keepalive_timeout_s: PositiveFloat = 75.0
+    # Worker processes sharing the scoring port ("auto": the cores this process may use).
+    workers: PositiveInt | Literal["auto"] = 1
+    coordination: CoordinationSettings | None = None
     # Graceful shutdown: how long in-flight requests may take to finish after SIGTERM.
     drain_timeout_s: PositiveFloat = 30.0
     # One line per request on stdout; the format applies to the router's own log too (stderr).

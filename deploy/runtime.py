@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from autoscaler.loop import AutoscalerLoop
 from deploy import logs
 from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
 from deploy.local_target import LocalTarget
+from deploy.workers import WorkerPool, broker_address, resolve_workers
 from router.admin import AdminApi, admin_token
 from router.server import Router, check_supported
+from router.slots import DEFAULT_GRACE_S, BrokerServer, SlotMember
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +56,54 @@ class RouterCounts:
         return Counts(busy=pool.busy, queued=pool.queued, replicas=pool.ready)
 
 
+class BrokerCounts:
+    """With worker processes the requests are in the workers: read what they report."""
+
+    def __init__(self, router: Router, broker: BrokerServer) -> None:
+        self._router = router
+        self._broker = broker
+
+    def counts(self, service: str) -> Counts:
+        totals = self._broker.totals(service)
+        return Counts(busy=totals["busy"], queued=totals["queued"],
+                      replicas=self._router.services[service].pool.ready)
+
+
 class Runtime:
-    def __init__(self, cfg: MlfeConfig, base_dir: Path) -> None:
+    """The composition root. Three shapes, by config:
+    - one process: router, admin API, local replicas, autoscaler (the default);
+    - `router.workers` > 1: this process supervises worker processes that serve the scoring
+      port, and runs the slot broker they share replicas through (deploy/workers.py);
+    - `router.coordination`: one of several router instances sharing replicas (pods)."""
+
+    def __init__(self, cfg: MlfeConfig, base_dir: Path, config_path: Path | None = None) -> None:
         self.cfg = cfg
         loop = asyncio.get_running_loop()
-        self.router = Router(cfg, loop)
+        workers = resolve_workers(cfg.router.workers)
+        self.workers: WorkerPool | None = None
+        self.broker: BrokerServer | None = None
+        self.member: SlotMember | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.router = Router(cfg, loop, coordinated=workers > 1)
+        coord = cfg.router.coordination
+        if workers > 1:
+            assert config_path is not None
+            self.broker = BrokerServer(coord.grace_seconds if coord else DEFAULT_GRACE_S)
+            self.workers = WorkerPool(config_path, workers, broker_address(cfg))
+        elif coord is not None:
+            if coord.listen is not None:
+                self.broker = BrokerServer(coord.grace_seconds)
+            self.member = SlotMember(
+                self.router, coord.broker_address,
+                coord.member_id or f"{socket.gethostname()}-{os.getpid()}")
+            self.router.slot_member = self.member
         self.admin = AdminApi(self.router, admin_token(cfg.router.state_dir))
         self.target = LocalTarget(self.router.services, base_dir)
-        self.autoscaler = AutoscalerLoop(
-            counts=RouterCounts(self.router), actuator=self.target, clock=MonotonicClock()
-        )
+        counts: RouterCounts | BrokerCounts = RouterCounts(self.router)
+        if self.workers is not None and self.broker is not None:
+            counts = BrokerCounts(self.router, self.broker)
+        self.autoscaler = AutoscalerLoop(counts=counts, actuator=self.target,
+                                         clock=MonotonicClock())
         self.router.scaling_status = self._scaling_status
 
     def _scaling_status(self, name: str) -> dict[str, Any]:
@@ -73,7 +115,18 @@ class Runtime:
                 "decidedUtilization": util if util != float("inf") else None}
 
     async def start(self) -> None:
-        await self.router.start()
+        loop = asyncio.get_running_loop()
+        if self.broker is not None:
+            coord = self.cfg.router.coordination
+            address = broker_address(self.cfg) if self.workers else (
+                coord.listen if coord and coord.listen else "")
+            await self.broker.start(address)
+        await self.router.start(listen=self.workers is None)
+        if self.workers is not None and self.broker is not None:
+            self._supervise_workers(self.broker)
+            await self.workers.start()
+        if self.member is not None:
+            self._tasks.append(loop.create_task(self.member.run(), name="slot member"))
         await self.admin.start(*self.cfg.router.admin_addr)
         self.target.configure(self.router.services, self.cfg.services)
         self.autoscaler.set_services(
@@ -81,15 +134,39 @@ class Runtime:
         )
         self.autoscaler.start()
 
+    def _supervise_workers(self, broker: BrokerServer) -> None:
+        """The supervisor's services hold the replica sets; the workers get them pushed."""
+        for name, svc in self.router.services.items():
+            svc.remote_drained = lambda addr, name=name: broker.wait_drained(name, addr)
+            svc.on_replicas_changed = lambda s: broker.push_replicas(
+                s.name, [r.addr for r in s.pool.replicas])
+            broker.push_replicas(name, [r.addr for r in svc.pool.replicas])
+        self.router.on_change = broker.push_reload
+
+        def counts(name: str) -> tuple[int, int]:
+            totals = broker.totals(name)
+            return totals["busy"], totals["queued"]
+
+        self.router.counts_of = counts
+
     async def stop(self) -> None:
         log.info("draining (up to %.0f s)", self.cfg.router.drain_timeout_s)
-        clean = await self.router.drain(self.cfg.router.drain_timeout_s)
-        if not clean:
-            log.warning("drain timeout: connections were cut off")
+        if self.workers is not None:
+            self.router.handler.draining = True
+            await self.workers.stop(self.cfg.router.drain_timeout_s)
+        else:
+            clean = await self.router.drain(self.cfg.router.drain_timeout_s)
+            if not clean:
+                log.warning("drain timeout: connections were cut off")
         await self.autoscaler.stop()
         await self.target.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.router.close()
         await self.admin.close()
+        if self.broker is not None:
+            await self.broker.close()
 
 
 async def wait_for_signal() -> None:
@@ -100,8 +177,9 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False) -> int:
-    rt = Runtime(cfg, base_dir)
+async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False,
+                config_path: Path | None = None) -> int:
+    rt = Runtime(cfg, base_dir, config_path)
     await rt.start()
     print(f"mlfe: scoring on {rt.router.base_url}, admin on "
           f"http://{cfg.router.admin_addr[0]}:{rt.admin.port}", flush=True)
@@ -132,7 +210,7 @@ def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False
     # Relative paths in a config (entry scripts, model dirs) are relative to the config file.
     base_dir = Path(config_path).resolve().parent
     try:
-        return uvloop.run(serve(cfg, base_dir, friendly))
+        return uvloop.run(serve(cfg, base_dir, friendly, Path(config_path).resolve()))
     except OSError as e:
         print(f"mlfe: cannot listen: {e.strerror}", file=sys.stderr)
         return 1

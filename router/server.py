@@ -28,6 +28,7 @@ from router.metrics import RouterCollector
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service
+from router.slots import SlotMember
 from router.tls import TlsReloader
 from router.tokens import ExternalJwks, SigningKeys, TokenAuth, TokenAuthority, TokenVerifier
 
@@ -93,7 +94,13 @@ def with_persisted_endpoints(cfg: MlfeConfig) -> MlfeConfig:
 
 
 class Router:
-    def __init__(self, cfg: MlfeConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        cfg: MlfeConfig,
+        loop: asyncio.AbstractEventLoop,
+        coordinated: bool = False,
+        reuse_port: bool = False,
+    ) -> None:
         cfg = with_persisted_endpoints(cfg)
         check_supported(cfg)
         self.cfg = cfg
@@ -120,6 +127,12 @@ class Router:
             except ValueError as e:
                 raise ConfigError(f"router.tls: {e}") from None
         self._tls_watch: asyncio.Task[None] | None = None
+        # Shares replica slots with other routers (worker processes or pods).
+        self.coordinated = coordinated or cfg.router.coordination is not None
+        self._reuse_port = reuse_port
+        self.slot_member: SlotMember | None = None
+        # Called after an admin change (keys, endpoints) is persisted: workers reload.
+        self.on_change: Callable[[], None] = lambda: None
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._limits = limits_from(cfg)
@@ -129,6 +142,9 @@ class Router:
         self.port = 0
         # What the co-located autoscaler last decided, per service (set by the runtime).
         self.scaling_status: Callable[[str], dict[str, Any]] = lambda name: {}
+        # busy and queued of a service: this process's pools, or (a worker supervisor) the
+        # sums its workers report.
+        self.counts_of: Callable[[str], tuple[int, int]] = self._local_counts
         # More metric families from parts outside the router (data collection).
         self.extra_metrics: Callable[[], Iterable[Metric]] = self._collector_metrics
         self.metrics = CollectorRegistry(auto_describe=False)
@@ -150,6 +166,12 @@ class Router:
             svc.auth = self._auth_for(name, svc.cfg)
         elif name in self.endpoints:
             self._build_endpoints(self.cfg)
+        self.on_change()
+
+    def reload_state(self) -> None:
+        """Another process changed keys or endpoints in the shared state dir: take them."""
+        self.keys = KeyStore(self.cfg.router.state_dir)
+        self.apply(with_persisted_endpoints(self.cfg))
 
     def _build_endpoints(self, cfg: MlfeConfig) -> None:
         self.endpoints = {
@@ -171,7 +193,8 @@ class Router:
             auth = self._auth_for(name, scfg)
             svc = services.get(name)
             if svc is None:
-                svc = services[name] = Service(name, scfg, auth)
+                svc = services[name] = Service(name, scfg, auth, coordinated=self.coordinated)
+                svc.slot_member = self.slot_member
             else:
                 svc.reconfigure(scfg, auth)
             if scfg.upstreams is not None:
@@ -192,6 +215,11 @@ class Router:
             orjson.dumps(endpoints, option=orjson.OPT_INDENT_2),
         )
         self.apply(new)
+        self.on_change()
+
+    def _local_counts(self, name: str) -> tuple[int, int]:
+        pool = self.services[name].pool
+        return pool.busy, pool.queued
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per service: what the autoscaler reads (DESIGN §7), plus what it decided."""
@@ -200,12 +228,15 @@ class Router:
             pool = svc.pool
             ready = pool.ready
             capacity = ready * pool.max_concurrent
+            busy, queued = self.counts_of(name)
             out[name] = {
                 "replicas": ready,
-                "busy": pool.busy,
-                "queued": pool.queued,
-                "utilization": (pool.busy + pool.queued) / capacity if capacity else None,
+                "busy": busy,
+                "queued": queued,
+                "utilization": (busy + queued) / capacity if capacity else None,
                 "completed": svc.completed,
+                # Slots this instance may use (all of them, unless coordinated).
+                "slots": sum(r.cap for r in pool.replicas if r.in_rotation),
                 **self.scaling_status(name),
             }
         return out
@@ -243,11 +274,15 @@ class Router:
         fam.add_metric(["dropped"], self.collector.dropped)
         return [fam]
 
-    async def start(self) -> None:
+    async def start(self, listen: bool = True) -> None:
+        """Build the services; listen on the scoring port unless worker processes do."""
         self.collector.start()
         await self.tokens.refresh_all()
         self.apply(self.cfg)
         host, port = self.cfg.router.listen_addr
+        if not listen:
+            self.port = port
+            return
         handler, limits, loop, conns = self.handler, self._limits, self._loop, self._connections
         self._server = await loop.create_server(
             lambda: HttpServerProtocol(handler, limits, loop, conns),
@@ -255,6 +290,7 @@ class Router:
             port,
             backlog=4096,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
             ssl=self.tls.context if self.tls is not None else None,
             # A client that never finishes its handshake is invisible to the sweeper.
             ssl_handshake_timeout=min(10.0, limits.header_timeout_s) if self.tls else None,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from deploy.config import EndpointConfig, ServiceConfig, parse_hostport
 from router.admission import Handoff, Replica, ServicePool
@@ -17,6 +18,9 @@ from router.metrics import ServiceMetrics
 from router.probe import probe_http
 from router.traffic import build_split
 from router.upstream import ReplicaConnections
+
+if TYPE_CHECKING:
+    from router.slots import SlotMember
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,9 @@ def grant_all(handoffs: Iterable[Handoff]) -> None:
 
 
 class Service:
-    def __init__(self, name: str, cfg: ServiceConfig, auth: Credentials) -> None:
+    def __init__(
+        self, name: str, cfg: ServiceConfig, auth: Credentials, coordinated: bool = False
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.auth = auth
@@ -39,7 +45,15 @@ class Service:
             max_concurrent=cfg.replica_max_concurrent_requests,
             max_wait_s=cfg.max_request_wait_time / 1000,
             max_queue=cfg.max_queue_length,
+            coordinated=coordinated,
         )
+        # Set when this router shares replicas with others through the slot broker.
+        self.slot_member: SlotMember | None = None
+        # Set in a worker supervisor: waits until no worker has requests on a replica.
+        self.remote_drained: Callable[[str], Awaitable[None]] | None = None
+        # Called when the replica set changes (a worker supervisor tells its workers).
+        self.on_replicas_changed: Callable[[Service], None] = lambda svc: None
+        self.draining: set[Replica] = set()  # removed, with requests still in flight
         self.timeout_s = cfg.scoring_timeout_ms / 1000
         self._probes: dict[Replica, asyncio.Task[None]] = {}
         self._drained: dict[Replica, asyncio.Future[None]] = {}  # removed, awaiting in-flight
@@ -76,6 +90,7 @@ class Service:
         host, port = parse_hostport(addr)
         replica, handoffs = self.pool.add(addr, ReplicaConnections(host, port))
         grant_all(handoffs)
+        self.on_replicas_changed(self)
         return replica
 
     def remove_replica(self, replica: Replica) -> None:
@@ -87,20 +102,31 @@ class Service:
         task = self._probes.pop(replica, None)
         if task is not None:
             task.cancel()
+        if replica.in_flight:
+            self.draining.add(replica)
+        self.on_replicas_changed(self)
 
     async def drain_replica(self, replica: Replica) -> None:
         """Remove `replica` and return once its in-flight requests have finished."""
         self.remove_replica(replica)
-        if replica.in_flight:
+        if self.remote_drained is not None:
+            await self.remote_drained(replica.addr)  # the requests are in worker processes
+        elif replica.in_flight:
             fut = self._drained.setdefault(replica, asyncio.get_running_loop().create_future())
             await asyncio.shield(fut)
+
+    def grant_handoffs(self, handoffs: Iterable[Handoff]) -> None:
+        grant_all(handoffs)
 
     def release(self, replica: Replica) -> None:
         """A request on `replica` is over: its slot goes to the next waiter, if any."""
         handoff = self.pool.release(replica)
+        if self.slot_member is not None:
+            self.slot_member.replica_released(self, replica)
         if handoff is not None:
             handoff[0].grant(handoff[1])
         elif replica.removed and not replica.in_flight:
+            self.draining.discard(replica)
             fut = self._drained.pop(replica, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)

@@ -2,8 +2,8 @@
 
 It serves exactly the subset mlfe uses (list + watch EndpointSlices, get/patch/put
 ``deployments/{name}/scale``, get/patch/put a Deployment, get/create/put a Lease) the way
-kube-apiserver does: bearer-token auth (401), an RBAC allow-list in Role-rule form (403;
-by default :data:`deploy.kube.api.ROLE_RULES`, the rules mlfe's Role grants), a global
+kube-apiserver does: bearer-token auth (401), an RBAC allow-list (403) read from the repo's own Role manifest
+(deploy/kubernetes/role.yaml), so that manifest and code are tested together, a global
 resourceVersion counter, a bounded event log for watch resume (a watch from a version older
 than the log gets an ERROR event with a 410 Expired Status, as the real server sends it),
 label selectors, merge / strategic (as merge) / JSON patches, optimistic concurrency (409),
@@ -41,13 +41,15 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
 import trustme
+import yaml
 from aiohttp import web
 from referencing import Registry, Resource
 
 from autoscaler.clock import FakeClock, settle
-from deploy.kube.api import ROLE_RULES, SERVICE_NAME_LABEL, KubeApi
+from deploy.kube.api import SERVICE_NAME_LABEL, KubeApi
 
 K8S_VERSION = "1.33.0"  # schemas to validate against
+ROLE_MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "role.yaml"
 WAIT_S = 10.0
 
 Obj = dict[str, Any]
@@ -93,6 +95,32 @@ def schema_errors(obj: Mapping[str, Any], kind: str | None = None,
         return [f"no schema for {key}"]
     return [f"{key[0]} {'.'.join(map(str, e.absolute_path))}: {e.message}"
             for e in _validator(name).iter_errors(obj)]
+
+
+# ---- RBAC: the repo's own Role ----------------------------------------------------------------
+
+
+def manifest_rules(path: Path = ROLE_MANIFEST) -> list[Obj]:
+    """The rules of the Role in the router's manifest (what a cluster would grant mlfe)."""
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") == "Role":
+            rules: list[Obj] = doc["rules"]
+            return rules
+    raise ValueError(f"{path}: no Role")
+
+
+def allowed(rules: Iterable[Mapping[str, Any]], group: str, resource: str, verb: str,
+            name: str | None) -> bool:
+    """RBAC's rule: some rule names the group, the resource and the verb (and, if it lists
+    resourceNames, the object's name; a list or a create has no name)."""
+    for rule in rules:
+        if (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", [])) and \
+           (resource in rule.get("resources", []) or "*" in rule.get("resources", [])) and \
+           (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])):
+            names = rule.get("resourceNames")
+            if not names or (name is not None and name in names):
+                return True
+    return False
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -242,10 +270,10 @@ _ROUTES = [
 
 class FakeKubeApi:
     def __init__(self, tmp_path: Path, *, token: str = "sa-token-1",
-                 rules: Iterable[Mapping[str, Any]] = ROLE_RULES, history: int = 1000) -> None:
+                 rules: Iterable[Mapping[str, Any]] | None = None, history: int = 1000) -> None:
         self.tmp_path = tmp_path
         self.token = token
-        self.rules = [dict(r) for r in rules]
+        self.rules = [dict(r) for r in (manifest_rules() if rules is None else rules)]
         self.history = history
         self.ca = trustme.CA()
         self.ca_file = tmp_path / "fake-kube-ca.crt"
@@ -471,16 +499,6 @@ class FakeKubeApi:
     def _json(self, obj: Obj, status: int = 200) -> web.Response:
         return web.json_response(self._emit(obj), status=status)
 
-    def _authorized(self, group: str, resource: str, verb: str, name: str | None) -> bool:
-        for rule in self.rules:
-            if (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", [])) and \
-               (resource in rule.get("resources", []) or "*" in rule.get("resources", [])) and \
-               (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])):
-                names = rule.get("resourceNames")
-                if not names or (name is not None and name in names):
-                    return True
-        return False
-
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
@@ -517,7 +535,7 @@ class FakeKubeApi:
         ns, name = m.group("ns"), m.groupdict().get("name")
         verb = {"GET": "get" if name else ("watch" if seen.watch else "list"), "POST": "create",
                 "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(seen.method, "")
-        if not self._authorized(group, resource, verb, name):
+        if not allowed(self.rules, group, resource, verb, name):
             raise ApiStatus(403, "Forbidden", (
                 f'{resource} "{name or ""}" is forbidden: User "system:serviceaccount:{ns}:mlfe" '
                 f'cannot {verb} resource "{resource}" in API group "{group}" in the namespace "{ns}"'),

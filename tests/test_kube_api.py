@@ -24,7 +24,16 @@ from deploy.kube.api import (
     StreamDropped,
     WatchEvent,
 )
-from tests.fake_kube_api import FakeKubeApi, connect_in_cluster, ep, fake_cluster, schema_errors
+from deploy.kube.leader import LEASE_NAME
+from tests.fake_kube_api import (
+    FakeKubeApi,
+    allowed,
+    connect_in_cluster,
+    ep,
+    fake_cluster,
+    manifest_rules,
+    schema_errors,
+)
 
 NS = "models"
 
@@ -70,6 +79,15 @@ async def test_kubeconfig_outside_a_pod(fake: FakeKubeApi, tmp_path: Path) -> No
         assert (await api.get_scale(NS, "iris")).replicas == 2
     finally:
         await api.close()
+
+
+async def test_no_cluster_config_is_a_kube_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-kubeconfig"
+    missing.write_text("{}")
+    with pytest.raises(KubeError, match="no usable kubeconfig") as err:
+        await KubeApi.connect(kubeconfig=str(missing), environ={},
+                              service_account_dir=tmp_path / "none")
+    assert err.value.reason == "NoConfig"
 
 
 async def test_a_wrong_token_is_refused(fake: FakeKubeApi) -> None:
@@ -183,21 +201,35 @@ async def test_unreachable_is_a_kube_error(fake: FakeKubeApi, api: KubeApi) -> N
 
 
 async def test_lease_create_get_replace(fake: FakeKubeApi, api: KubeApi) -> None:
-    assert await api.get_lease("mlfe", "lead") is None
-    created = await api.create_lease("mlfe", Lease("lead", holder="a", duration_s=15,
+    assert await api.get_lease("mlfe", "mlfe-autoscaler") is None
+    created = await api.create_lease("mlfe", Lease("mlfe-autoscaler", holder="a", duration_s=15,
                                                    renew_time="2026-11-24T10:00:00.000000Z"))
     assert created.holder == "a" and created.resource_version
     with pytest.raises(Conflict):
-        await api.create_lease("mlfe", Lease("lead", holder="b"))
+        await api.create_lease("mlfe", Lease("mlfe-autoscaler", holder="b"))
     from dataclasses import replace
     renewed = await api.replace_lease("mlfe", replace(created, holder="b"))
-    assert (await api.get_lease("mlfe", "lead")) == renewed
+    assert (await api.get_lease("mlfe", "mlfe-autoscaler")) == renewed
     with pytest.raises(Conflict):  # written from a stale read
         await api.replace_lease("mlfe", replace(created, holder="c"))
 
 
+def test_the_role_manifest_grants_what_the_adapter_needs() -> None:
+    """deploy/kubernetes/role.yaml grants every call of deploy/kube/api.py (ROLE_RULES), for
+    the lease mlfe-autoscaler; and no write to a Deployment itself."""
+    rules = manifest_rules()
+    for rule in ROLE_RULES:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    name = LEASE_NAME if resource == "leases" and verb != "create" else None
+                    assert allowed(rules, group, resource, verb, name), (group, resource, verb)
+    for verb in ("update", "patch"):
+        assert not allowed(rules, "apps", "deployments", verb, "iris")
+
+
 async def test_the_role_allows_only_what_mlfe_needs(fake: FakeKubeApi) -> None:
-    """The fake enforces ROLE_RULES: the Deployment itself cannot be written, nor Secrets read."""
+    """The fake enforces the Role: the Deployment itself cannot be written nor read."""
     fake.put_deployment(NS, "iris")
     base = f"{fake.url}/apis/apps/v1/namespaces/{NS}/deployments/iris"
     headers = {"Authorization": f"Bearer {fake.token}",

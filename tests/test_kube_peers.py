@@ -155,20 +155,21 @@ async def test_peers_come_from_the_router_service(tmp_path: Path) -> None:
         api = await connect_in_cluster(fake)
         peers = PeerCounts(Local(), admin_token=TOKEN, self_hosts=["192.0.2.10"],
                            clock=FakeClock())
-        watcher = peer_watcher(api, peers, service="mlfe-router", admin_port=8081,
-                               clock=FakeClock())
-        fake.put_slice("mlfe", "mlfe-router-x", "mlfe-router", [
+        watcher = peer_watcher(api, peers, clock=FakeClock())
+        fake.put_slice("mlfe", "mlfe-router-admin-x", "mlfe-router-admin", [
             ep("192.0.2.10", pod="router-0"),  # this pod
             ep("192.0.2.11", pod="router-1"),
             ep("192.0.2.12", ready=False, pod="router-2"),
-        ], ports=[("scoring", 8080)])
+        ], ports=[("admin", 8081)])
+        fake.put_slice("mlfe", "mlfe-router-x", "mlfe-router", [  # the scoring Service
+            ep("192.0.2.10"), ep("192.0.2.11"), ep("192.0.2.12")], ports=[("http", 8080)])
         watcher.start()
         try:
             await until(lambda: peers.peers == ["192.0.2.11:8081"])
             assert watcher.namespace == "mlfe"  # the router's own namespace
-            fake.put_slice("mlfe", "mlfe-router-x", "mlfe-router", [
+            fake.put_slice("mlfe", "mlfe-router-admin-x", "mlfe-router-admin", [
                 ep("192.0.2.10"), ep("192.0.2.11"), ep("192.0.2.12")],
-                ports=[("scoring", 8080)])
+                ports=[("admin", 8081)])
             await until(lambda: peers.peers == ["192.0.2.11:8081", "192.0.2.12:8081"])
         finally:
             await watcher.close()

@@ -7,12 +7,13 @@ service is configured with ``kubernetes:``.
 from deploy.kube.api import ROLE_RULES, Backoff, KubeApi, KubeError
 from deploy.kube.discovery import EndpointWatcher, ready_addresses
 from deploy.kube.leader import LeaderElector, default_identity, follow_leadership
-from deploy.kube.peers import PeerCounts, peer_watcher, pod_ip
+from deploy.kube.peers import ROUTER_ADMIN_SERVICE, PeerCounts, peer_watcher, pod_ip
 from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader, NotObserved
 from deploy.kube.target import KubernetesTarget
 
 __all__ = [
     "ROLE_RULES",
+    "ROUTER_ADMIN_SERVICE",
     "Backoff",
     "DeploymentRef",
     "EndpointWatcher",

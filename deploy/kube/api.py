@@ -32,6 +32,7 @@ from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 from kubernetes_asyncio.config.kube_config import load_kube_config
 
@@ -242,7 +243,8 @@ class KubeApi:
     ) -> KubeApi:
         """In a pod (``KUBERNETES_SERVICE_HOST`` set and a service-account token present):
         in-cluster config. Otherwise kubeconfig (``kubeconfig``, ``KUBECONFIG`` or
-        ``~/.kube/config``, the ``context`` or its current one)."""
+        ``~/.kube/config``, the ``context`` or its current one). Neither: :class:`KubeError`
+        with reason ``NoConfig``."""
         env = dict(os.environ if environ is None else environ)
         configuration = k8s.Configuration()
         token = service_account_dir / "token"
@@ -257,9 +259,13 @@ class KubeApi:
             log.info("kubernetes: in-cluster config, API server %s, namespace %s",
                      configuration.host, namespace)
         else:
-            loader = await load_kube_config(
-                config_file=kubeconfig, context=context,
-                client_configuration=configuration, persist_config=False)
+            try:
+                loader = await load_kube_config(
+                    config_file=kubeconfig, context=context,
+                    client_configuration=configuration, persist_config=False)
+            except (ConfigException, OSError, ValueError) as e:
+                raise KubeError(0, "NoConfig", "not in a pod (no service account) and no "
+                                f"usable kubeconfig: {e}") from e
             current = loader.current_context or {}
             namespace = (current.get("context") or {}).get("namespace") or "default"
             log.info("kubernetes: kubeconfig context %s, API server %s, namespace %s",

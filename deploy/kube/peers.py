@@ -9,8 +9,8 @@ left out of the sums (logged at most once a minute per peer); counts older than 
 are ignored, so a stalled loop cannot freeze the sums. Replicas are not summed: every router
 pod routes to the same replicas, so the local ready count is the count.
 
-The peers are the ready endpoints of the router's own Service (:func:`peer_watcher`), at the
-admin port; this pod is left out by address.
+The peers are the ready endpoints of the router's own admin Service (:func:`peer_watcher`),
+at its ``admin`` port; this pod is left out by address (``POD_IP``).
 """
 
 from __future__ import annotations
@@ -182,8 +182,13 @@ class PeerCounts:
             self._client = None
 
 
-def peer_watcher(api: KubeApi, peers: PeerCounts, *, service: str, admin_port: int,
-                 namespace: str | None = None, clock: Clock | None = None) -> EndpointWatcher:
-    """Feed ``peers`` from the ready endpoints of the router's own Service ``service``."""
+ROUTER_ADMIN_SERVICE = "mlfe-router-admin"  # deploy/kubernetes/service.yaml
+
+
+def peer_watcher(api: KubeApi, peers: PeerCounts, *, service: str = ROUTER_ADMIN_SERVICE,
+                 port: str | int = "admin", namespace: str | None = None,
+                 clock: Clock | None = None) -> EndpointWatcher:
+    """Feed ``peers`` from the ready endpoints of the router's own Service (by default the
+    admin Service of the manifests, port ``admin``; a number sets the port outright)."""
     return EndpointWatcher(api, namespace or api.namespace, service, peers.set_peers,
-                           port=admin_port, clock=clock)
+                           port=port, clock=clock)

@@ -1,0 +1,154 @@
+"""Worker processes: several router processes serving one scoring port (SO_REUSEPORT).
+
+The supervisor (`mlfe serve` with `router.workers` > 1) keeps the control plane — admin API,
+local replicas, autoscaler, and the slot broker — and runs `mlfe worker` children that serve
+the scoring path. Each worker joins the broker over a unix socket in the state dir, so the
+per-replica cap holds across them (router/coordination.py); the supervisor pushes replica sets
+and "reload" (keys or endpoints changed) to them. A worker that dies is restarted; on SIGTERM
+every worker drains (turns unready, finishes its accepted requests) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from deploy import logs
+from deploy.config import ConfigError, MlfeConfig, load_config
+from deploy.local_target import _die_with_parent
+from router.server import Router, check_supported
+from router.slots import SlotMember
+
+log = logging.getLogger(__name__)
+
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 10.0
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | str) -> int:
+    return available_cores() if workers == "auto" else int(workers)
+
+
+def broker_address(cfg: MlfeConfig) -> str:
+    return f"unix:{(cfg.router.state_dir / 'slots.sock').resolve()}"
+
+
+class WorkerPool:
+    def __init__(self, config_path: Path, count: int, broker: str) -> None:
+        self._config_path = config_path
+        self._broker = broker
+        self._count = count
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values() if p.returncode is None]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(self._count):
+            self._tasks.append(loop.create_task(self._keep(i), name=f"worker {i}"))
+
+    async def set_count(self, count: int) -> None:
+        """More or fewer workers (the router self-scaler's actuator)."""
+        loop = asyncio.get_running_loop()
+        for i in range(self._count, count):
+            self._tasks.append(loop.create_task(self._keep(i), name=f"worker {i}"))
+        for i in range(count, self._count):
+            proc = self._procs.get(i)
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)  # it drains; _keep sees i >= count
+        self._count = count
+
+    async def _keep(self, i: int) -> None:
+        """Run worker `i`, restarting it when it dies (with backoff), until stopped."""
+        delay = RESTART_MIN_S
+        while not self._stopping and i < self._count:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "deploy.cli", "worker", "--config", str(self._config_path),
+                "--broker", self._broker, "--member", f"worker-{i}",
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+            self._procs[i] = proc
+            started = asyncio.get_running_loop().time()
+            code = await proc.wait()
+            if self._stopping or i >= self._count:
+                return
+            log.warning("worker %d exited with %s; restarting", i, code)
+            if asyncio.get_running_loop().time() - started > 30:
+                delay = RESTART_MIN_S  # it had been running fine: not a crash loop
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX_S)
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        self._stopping = True
+        procs = [p for p in self._procs.values() if p.returncode is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(drain_timeout_s + 5):
+                await asyncio.gather(*(p.wait() for p in procs))
+        except TimeoutError:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _worker(cfg: MlfeConfig, broker: str, member_id: str) -> int:
+    from deploy.runtime import wait_for_signal
+
+    loop = asyncio.get_running_loop()
+    router = Router(cfg, loop, coordinated=True, reuse_port=True)
+
+    def replicas(service: str, addrs: list[str]) -> None:
+        svc = router.services.get(service)
+        if svc is not None:
+            svc.set_replicas(addrs)
+
+    member = SlotMember(router, broker, member_id, on_replicas=replicas,
+                        on_reload=router.reload_state)
+    router.slot_member = member
+    await router.start()
+    task = loop.create_task(member.run(), name="slot member")
+    try:
+        await wait_for_signal()
+    finally:
+        await router.drain(cfg.router.drain_timeout_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await router.close()
+    return 0
+
+
+def run_worker(config_path: str, broker: str, member_id: str, log_level: str = "INFO") -> int:
+    logs.configure(log_level)
+    try:
+        cfg = load_config(config_path)
+        check_supported(cfg)
+    except ConfigError as e:
+        print(f"mlfe worker: {e}", file=sys.stderr)
+        return 2
+    logs.configure(log_level, cfg.router.log_format)
+    return uvloop.run(_worker(cfg, broker, member_id))

@@ -1,0 +1,296 @@
+"""The slot broker on the wire: a server that owns the `SlotBroker`, and the member side that
+each router instance (worker process or pod) runs beside its scoring path.
+
+JSON lines over a stream (a unix socket between worker processes, TCP between pods):
+
+    member -> broker  {"op": "hello", "member": id}
+                      {"op": "report", "service": s, "demand": n, "busy": n, "queued": n,
+                       "replicas": {addr: cap}, "holding": {addr: slots} (after (re)connect)}
+                      {"op": "released", "service": s, "replica": addr, "slots": n}
+    broker -> member  {"op": "set", "service": s, "replica": addr, "slots": n}
+                      {"op": "replicas", "service": s, "addrs": [...]}   (supervisor's replicas)
+                      {"op": "reload"}                                   (config changed)
+
+Per request nothing is sent: a member reports its demand at most every `REPORT_INTERVAL_S`
+when it changed (and every `HEARTBEAT_S` anyway), so the cost is per interval, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from router.coordination import SetSlots, SlotBroker
+
+if TYPE_CHECKING:
+    from router.admission import Replica
+    from router.server import Router
+    from router.services import Service
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL_S = 0.02
+HEARTBEAT_S = 1.0
+RECONNECT_MAX_S = 2.0
+# A departed member's slots are held this long: the replica may still be running its requests.
+DEFAULT_GRACE_S = 2.0
+
+
+async def open_stream(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if address.startswith("unix:"):
+        return await asyncio.open_unix_connection(address[5:])
+    host, _, port = address.rpartition(":")
+    return await asyncio.open_connection(host.strip("[]"), int(port))
+
+
+def _fresh_socket_path(path: str) -> str:
+    Path(path).unlink(missing_ok=True)  # a socket file left by a previous run
+    return path
+
+
+def _line(msg: dict[str, Any]) -> bytes:
+    return orjson.dumps(msg, option=orjson.OPT_APPEND_NEWLINE)
+
+
+class BrokerServer:
+    """Owns the slots of every replica; members connect, report and receive grants."""
+
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S) -> None:
+        self.broker = SlotBroker()
+        self.grace_s = grace_s
+        self._writers: dict[str, asyncio.StreamWriter] = {}
+        self._leaving: dict[str, asyncio.TimerHandle] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self.stats: dict[str, dict[str, dict[str, int]]] = {}  # member -> service -> counts
+        self._replicas: dict[str, list[str]] = {}  # pushed replica sets (worker mode)
+        self._reported = asyncio.Event()  # replaced after each report: wakes drain waiters
+
+    async def start(self, address: str) -> None:
+        if address.startswith("unix:"):
+            path = _fresh_socket_path(address[5:])
+            self._server = await asyncio.start_unix_server(self._serve, path)
+        else:
+            host, _, port = address.rpartition(":")
+            self._server = await asyncio.start_server(self._serve, host.strip("[]"), int(port))
+
+    async def close(self) -> None:
+        for handle in self._leaving.values():
+            handle.cancel()
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers.values()):
+            w.close()
+
+    def push_replicas(self, service: str, addrs: Iterable[str]) -> None:
+        """The supervisor's replica set of a service, for its worker processes."""
+        self._replicas[service] = list(addrs)
+        msg = _line({"op": "replicas", "service": service, "addrs": self._replicas[service]})
+        for w in self._writers.values():
+            w.write(msg)
+
+    def push_reload(self) -> None:
+        for w in self._writers.values():
+            w.write(_line({"op": "reload"}))
+
+    def totals(self, service: str) -> dict[str, int]:
+        """busy and queued summed over live members (what the autoscaler reads)."""
+        out = {"busy": 0, "queued": 0}
+        for member, services in self.stats.items():
+            if member in self._writers:
+                counts = services.get(service, {})
+                out["busy"] += counts.get("busy", 0)
+                out["queued"] += counts.get("queued", 0)
+        return out
+
+    async def wait_drained(self, service: str, addr: str) -> None:
+        """Until no live member reports requests on replica `addr`."""
+        while self.in_flight(service, addr):
+            await self._reported.wait()
+
+    def in_flight(self, service: str, addr: str) -> int:
+        """Requests on replica `addr` across live members (a drain waits for 0)."""
+        key = f"inflight:{addr}"
+        return sum(s.get(service, {}).get(key, 0) for m, s in self.stats.items()
+                   if m in self._writers)
+
+    def _send(self, msgs: list[SetSlots]) -> None:
+        for m in msgs:
+            w = self._writers.get(m.member)
+            if w is not None:
+                w.write(_line({"op": "set", "service": m.service, "replica": m.replica,
+                               "slots": m.slots}))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        member = None
+        try:
+            hello = orjson.loads(await reader.readline())
+            member = str(hello["member"])
+            old = self._writers.get(member)
+            if old is not None:
+                old.close()
+            self._writers[member] = writer
+            pending = self._leaving.pop(member, None)
+            if pending is not None:
+                pending.cancel()
+            for service, addrs in self._replicas.items():
+                writer.write(_line({"op": "replicas", "service": service, "addrs": addrs}))
+            async for raw in reader:
+                self._handle(member, orjson.loads(raw))
+        except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as e:
+            log.warning("slot broker: member %s: %s", member, e)
+        finally:
+            if member is not None and self._writers.get(member) is writer:
+                del self._writers[member]
+                loop = asyncio.get_running_loop()
+                self._leaving[member] = loop.call_later(self.grace_s, self._leave, member)
+            writer.close()
+
+    def _handle(self, member: str, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "report":
+            service = msg["service"]
+            self.stats.setdefault(member, {})[service] = {
+                "busy": int(msg.get("busy", 0)), "queued": int(msg.get("queued", 0)),
+                **{f"inflight:{a}": int(n) for a, n in msg.get("inFlight", {}).items()}}
+            self._reported.set()
+            self._reported = asyncio.Event()
+            self._send(self.broker.report(
+                member, service, int(msg["demand"]),
+                {str(k): int(v) for k, v in msg["replicas"].items()},
+                {str(k): int(v) for k, v in msg.get("holding", {}).items()} or None,
+            ))
+        elif op == "released":
+            self._send(self.broker.released(member, msg["service"], msg["replica"],
+                                            int(msg["slots"])))
+
+    def _leave(self, member: str) -> None:
+        self._leaving.pop(member, None)
+        self.stats.pop(member, None)
+        log.info("slot broker: member %s left; its slots return to the pool", member)
+        self._send(self.broker.leave(member))
+
+
+class SlotMember:
+    """Runs in a router instance: applies grants to its pools and reports its demand."""
+
+    def __init__(self, router: Router, address: str, member_id: str,
+                 on_replicas: Callable[[str, list[str]], None] | None = None,
+                 on_reload: Callable[[], None] | None = None) -> None:
+        self._router = router
+        self._address = address
+        self.member_id = member_id
+        self._on_replicas = on_replicas
+        self._on_reload = on_reload
+        self._writer: asyncio.StreamWriter | None = None
+        self._last: dict[str, object] = {}
+        self._lowered: dict[tuple[str, str], int] = {}  # (service, addr) -> slots to fit under
+        self.connected = asyncio.Event()
+
+    # ---- hooks from the scoring path -------------------------------------------------------
+
+    def replica_released(self, svc: Service, replica: Replica) -> None:
+        """Called after a request on `replica` finished (Service.release)."""
+        key = (svc.name, replica.addr)
+        slots = self._lowered.get(key)
+        if slots is not None and replica.in_flight <= slots:
+            del self._lowered[key]
+            self._write({"op": "released", "service": svc.name, "replica": replica.addr,
+                         "slots": slots})
+
+    # ---- the connection ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                reader, writer = await open_stream(self._address)
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay = 0.05
+            self._writer = writer
+            self._last.clear()
+            writer.write(_line({"op": "hello", "member": self.member_id}))
+            self._report(with_holding=True)
+            self.connected.set()
+            reporter = asyncio.create_task(self._report_loop(), name="slot reports")
+            try:
+                async for raw in reader:
+                    self._apply(orjson.loads(raw))
+            except (OSError, ValueError) as e:
+                log.warning("slot broker connection: %s", e)
+            finally:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+                self.connected.clear()
+                self._writer = None
+                writer.close()
+            # Keep the slots held: the sum stays under every cap while the broker is away.
+            log.warning("slot broker at %s gone; reconnecting", self._address)
+
+    def _write(self, msg: dict[str, Any]) -> None:
+        if self._writer is not None:
+            self._writer.write(_line(msg))
+
+    async def _report_loop(self) -> None:
+        beat = 0.0
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            beat += REPORT_INTERVAL_S
+            force = beat >= HEARTBEAT_S
+            if force:
+                beat = 0.0
+            self._report(force=force)
+
+    def _report(self, with_holding: bool = False, force: bool = False) -> None:
+        for name, svc in self._router.services.items():
+            pool = svc.pool
+            demand = pool.busy + pool.queued
+            # Every replica in the pool, in rotation or not: a replica briefly out of rotation
+            # keeps its slots here (this router still has requests on it).
+            replicas = tuple(sorted((r.addr, pool.max_concurrent) for r in pool.replicas))
+            in_flight = {r.addr: r.in_flight for r in (*pool.replicas, *svc.draining)
+                         if r.in_flight}
+            state = (demand, replicas, tuple(sorted(in_flight.items())))
+            if not force and not with_holding and self._last.get(name) == state:
+                continue
+            self._last[name] = state
+            msg: dict[str, Any] = {"op": "report", "service": name, "demand": demand,
+                                   "busy": pool.busy, "queued": pool.queued,
+                                   "replicas": dict(replicas), "inFlight": in_flight}
+            if with_holding:
+                msg["holding"] = {r.addr: r.cap for r in pool.replicas if r.cap}
+            self._write(msg)
+
+    def _apply(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "set":
+            svc = self._router.services.get(msg["service"])
+            if svc is None:
+                return
+            addr, slots = msg["replica"], int(msg["slots"])
+            replica = next((r for r in svc.pool.replicas if r.addr == addr), None)
+            if replica is None:
+                # Not ours (any more): nothing in flight here, so it is released at once.
+                self._write({"op": "released", "service": svc.name, "replica": addr,
+                             "slots": 0})
+                return
+            lowering = slots < replica.cap
+            svc.grant_handoffs(svc.pool.set_cap(replica, slots))
+            if not lowering:
+                self._lowered.pop((svc.name, addr), None)
+            else:
+                self._lowered[(svc.name, addr)] = slots
+                self.replica_released(svc, replica)  # at once if it already fits
+        elif op == "replicas" and self._on_replicas is not None:
+            self._on_replicas(msg["service"], [str(a) for a in msg["addrs"]])
+        elif op == "reload" and self._on_reload is not None:
+            self._on_reload()

@@ -1,0 +1,144 @@
+"""Per-replica caps across several router instances: 2 worker processes, and 2 separate router
+instances sharing replicas through the slot broker; killing one instance mid-load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import EXAMPLES, Proc, free_port, start_replica, start_router
+
+ADMIN = "admin-token-for-tests"
+CAP = 2
+WAIT_MS = 800
+
+
+def slow_replicas(tmp: Path, n: int = 2) -> list[Proc]:
+    # Each replica could run 8 at once: only the routers' coordination keeps it at CAP.
+    return [start_replica(tmp, EXAMPLES / "slow" / "score.py", env={"WORKER_COUNT": "8"},
+                          name=f"slow{i}") for i in range(n)]
+
+
+def service(reps: list[Proc], **kw: Any) -> dict[str, Any]:
+    return {"upstreams": [f"127.0.0.1:{r.port}" for r in reps], "auth_enabled": False,
+            "replica_max_concurrent_requests": CAP, "max_request_wait_time": WAIT_MS,
+            "max_queue_length": 10_000, **kw}
+
+
+async def load(urls: list[str], n: int, ms: int = 20) -> list[tuple[int, float, dict[str, Any]]]:
+    """n concurrent requests spread over `urls`: (status, seconds, body)."""
+    async def one(c: httpx.AsyncClient, url: str) -> tuple[int, float, dict[str, Any]]:
+        t0 = time.monotonic()
+        try:
+            r = await c.post(url, json={"ms": ms})
+        except httpx.TransportError:
+            return 0, time.monotonic() - t0, {}
+        body = r.json() if r.status_code == 200 else {}
+        return r.status_code, time.monotonic() - t0, body
+
+    limits = httpx.Limits(max_connections=n + 10)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        return await asyncio.gather(*(one(c, urls[i % len(urls)]) for i in range(n)))
+
+
+def max_seen_by_replica(results: list[tuple[int, float, dict[str, Any]]]) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    for status, _, body in results:
+        if status == 200:
+            seen[body["pid"]] = max(seen.get(body["pid"], 0), body["max_in_flight"])
+    return seen
+
+
+def queue_waits_ms(log: str) -> list[float]:
+    return [json.loads(line)["queueMs"] for line in log.splitlines()
+            if line.startswith("{") and '"queueMs"' in line]
+
+
+def test_two_worker_processes_keep_the_cap(tmp_path: Path) -> None:
+    reps = slow_replicas(tmp_path)
+    admin_port = free_port()
+    router = start_router(tmp_path, {
+        "router": {"workers": 2, "admin_listen": f"127.0.0.1:{admin_port}"},
+        "services": {"slow": service(reps)},
+    }, env={"MLFE_ADMIN_TOKEN": ADMIN})
+    try:
+        url = f"{router.url}/api/v1/service/slow/score"
+        results = asyncio.run(load([url], 200))
+        statuses = [s for s, _, _ in results]
+        assert set(statuses) <= {200, 503}
+        assert statuses.count(200) >= 100
+        seen = max_seen_by_replica(results)
+        assert len(seen) == 2 and max(seen.values()) == CAP, seen
+        # Refused or admitted within max_request_wait_time and a small bound.
+        for status, secs, _ in results:
+            if status == 503:
+                assert secs < WAIT_MS / 1000 + 1.0
+        waits = queue_waits_ms(router.log())
+        assert len(waits) >= 200 and max(waits) < WAIT_MS + 250
+        router.signal()
+        assert router.wait_exit() == 0
+    finally:
+        router.stop()
+        for r in reps:
+            r.stop()
+
+
+def test_two_router_instances_share_replicas_and_survive_a_kill(tmp_path: Path) -> None:
+    reps = slow_replicas(tmp_path)
+    broker = f"127.0.0.1:{free_port()}"
+    admin_a = free_port()
+    a = start_router(tmp_path, {
+        "router": {"admin_listen": f"127.0.0.1:{admin_a}",
+                   "coordination": {"listen": broker, "member_id": "a", "grace_seconds": 1}},
+        "services": {"slow": service(reps)},
+    }, env={"MLFE_ADMIN_TOKEN": ADMIN}, name="a")
+    admin_b = free_port()
+    b = start_router(tmp_path, {
+        "router": {"admin_listen": f"127.0.0.1:{admin_b}",
+                   "coordination": {"broker": broker, "member_id": "b"}},
+        "services": {"slow": service(reps)},
+    }, env={"MLFE_ADMIN_TOKEN": ADMIN}, name="b")
+
+    def stats(admin_port: int) -> dict[str, int]:
+        r = httpx.get(f"http://127.0.0.1:{admin_port}/v1/stats",
+                      headers={"Authorization": f"Bearer {ADMIN}"})
+        s: dict[str, int] = r.json()["services"]["slow"]
+        return s
+
+    try:
+        urls = [f"{p.url}/api/v1/service/slow/score" for p in (a, b)]
+        results = asyncio.run(load(urls, 200))
+        statuses = [s for s, _, _ in results]
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 100
+        seen = max_seen_by_replica(results)
+        assert len(seen) == 2 and max(seen.values()) == CAP, seen
+        for log in (a.log(), b.log()):
+            waits = queue_waits_ms(log)
+            assert waits and max(waits) < WAIT_MS + 250
+
+        # Kill b mid-load: only b's requests are lost, a keeps serving within the cap and
+        # gets b's slots back once the broker's grace period has passed.
+        async def kill_midway() -> list[tuple[int, float, dict[str, Any]]]:
+            task = asyncio.create_task(load([urls[0]], 100, ms=50))
+            b_task = asyncio.create_task(load([urls[1]], 40, ms=400))
+            await asyncio.to_thread(b.wait_for, lambda: stats(admin_b)["busy"] > 0,
+                                    "b has requests on the replicas")
+            b.proc.send_signal(signal.SIGKILL)
+            await b_task
+            return await task
+
+        results = asyncio.run(kill_midway())
+        assert {s for s, _, _ in results} <= {200, 503}
+        assert max(max_seen_by_replica(results).values()) <= CAP
+        t0 = time.monotonic()
+        a.wait_for(lambda: stats(admin_a)["slots"] == 2 * CAP, "a holds every slot", timeout=10)
+        assert time.monotonic() - t0 < 5  # grace (1 s) + a report interval or two
+    finally:
+        for p in (a, b, *reps):
+            p.stop()
