@@ -10,7 +10,12 @@ from pathlib import Path
 
 def _add_score_server(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("score-server", help="run the replica inference server")
-    p.add_argument("--entry-script", required=True, help="Python file defining init() and run()")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--entry-script", help="Python file defining init() and run()")
+    model.add_argument("--synthetic", metavar="SPEC",
+                       help="a model stand-in for load tests instead of an entry script: JSON or "
+                       "k=v,k=v (latency=lognormal:20:200,concurrency=2,error_rate=0.01,"
+                       "response_bytes=512,init_ms=0,seed=1; see deploy/synthetic.py)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5001)
 
@@ -57,6 +62,14 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    "token (first install only: applying it again rotates every key)")
 
 
+def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub.add_parser(
+        "sidecar",
+        help="one service in front of one upstream on the pod's loopback, configured from "
+        "MLFE_* environment variables (see deploy/sidecar.py); no autoscaler",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlfe", description=__doc__)
     parser.add_argument(
@@ -66,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_score_server(sub)
+    _add_sidecar(sub)
     _add_cert(sub)
     _add_render(sub)
     from deploy.admin_client import add_admin_commands
@@ -75,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "score-server" and args.synthetic is not None:
+        from deploy.synthetic import run_synthetic_server
+
+        return run_synthetic_server(
+            spec=args.synthetic, host=args.host, port=args.port, log_level=args.log_level
+        )
     if args.command == "score-server":
         from deploy.score_server import run_score_server
 
@@ -90,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deploy.workers import run_worker
 
         return run_worker(args.config, args.broker, args.member, log_level=args.log_level)
+    if args.command == "sidecar":
+        from deploy.sidecar import run_sidecar
+
+        return run_sidecar(log_level=args.log_level)
     if hasattr(args, "admin_handler"):
         from deploy.admin_client import run_admin_command
 

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from deploy.synthetic import SyntheticSpec
+
 # azureml service names: 3-32 chars, lowercase letters, digits and '-', starting with a letter.
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
 MAX_VERSIONS_PER_ENDPOINT = 6
@@ -99,6 +101,20 @@ class CoordinationSettings(_Model):
         return address
 
 
+class SelfScalingSettings(_Model):
+    """The router scales itself (azureml-fe): more worker processes when its own routing time
+    stays high, more pods if that persists; fewer by CPU. Off with cluster_purpose DevTest."""
+
+    max_workers: PositiveInt | Literal["auto"] = 1  # "auto": the cores this process may use
+    max_pods: PositiveInt = 1  # > 1: also scale the router's own Deployment (in a cluster)
+    routing_time_up_ms: PositiveFloat = 2.0
+    up_window_seconds: PositiveFloat = 10.0
+    cpu_down_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    down_window_seconds: PositiveFloat = 300.0
+    cooldown_seconds: PositiveFloat = 30.0
+    period_seconds: PositiveFloat = 5.0
+
+
 class RouterSettings(_Model):
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:8081"
@@ -119,6 +135,7 @@ class RouterSettings(_Model):
     # Worker processes sharing the scoring port ("auto": the cores this process may use).
     workers: PositiveInt | Literal["auto"] = 1
     coordination: CoordinationSettings | None = None
+    self_scaling: SelfScalingSettings = Field(default_factory=SelfScalingSettings)
     # Graceful shutdown: how long in-flight requests may take to finish after SIGTERM.
     drain_timeout_s: PositiveFloat = 30.0
     # One line per request on stdout; the format applies to the router's own log too (stderr).
@@ -179,7 +196,7 @@ class ServiceConfig(AuthSettings):
     entry_script: Path | None = None
     upstreams: list[str] | None = None
     kubernetes: KubernetesTarget | None = None
-    synthetic: dict[str, Any] | None = None
+    synthetic: SyntheticSpec | None = None  # a model stand-in (deploy/synthetic.py)
     model_dir: Path | None = None
 
     scoring_timeout_ms: PositiveInt = 60_000

@@ -21,10 +21,11 @@ import uvloop
 from autoscaler.clock import MonotonicClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
+from autoscaler.router_scaler import DeltaProbe, RouterScaler, RouterScalingSpec
 from deploy import logs
 from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
 from deploy.local_target import LocalTarget
-from deploy.workers import WorkerPool, broker_address, resolve_workers
+from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
 from router.admin import AdminApi, admin_token
 from router.server import Router, check_supported
 from router.slots import DEFAULT_GRACE_S, BrokerServer, SlotMember
@@ -80,16 +81,19 @@ class Runtime:
         self.cfg = cfg
         loop = asyncio.get_running_loop()
         workers = resolve_workers(cfg.router.workers)
+        supervise = supervisor_mode(cfg)
         self.workers: WorkerPool | None = None
+        self.self_scaler: RouterScaler | None = None
         self.broker: BrokerServer | None = None
         self.member: SlotMember | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.router = Router(cfg, loop, coordinated=workers > 1)
+        self.router = Router(cfg, loop, coordinated=supervise)
         coord = cfg.router.coordination
-        if workers > 1:
+        if supervise:
             assert config_path is not None
             self.broker = BrokerServer(coord.grace_seconds if coord else DEFAULT_GRACE_S)
             self.workers = WorkerPool(config_path, workers, broker_address(cfg))
+            self.self_scaler = self._self_scaler(self.workers, self.broker)
         elif coord is not None:
             if coord.listen is not None:
                 self.broker = BrokerServer(coord.grace_seconds)
@@ -105,6 +109,26 @@ class Runtime:
         self.autoscaler = AutoscalerLoop(counts=counts, actuator=self.target,
                                          clock=MonotonicClock())
         self.router.scaling_status = self._scaling_status
+
+    def _self_scaler(self, workers: WorkerPool, broker: BrokerServer) -> RouterScaler | None:
+        s = self.cfg.router.self_scaling
+        max_workers = resolve_workers(s.max_workers)
+        if self.cfg.router.cluster_purpose == "DevTest" or max_workers <= 1:
+            return None
+        spec = RouterScalingSpec(
+            max_workers=max(max_workers, workers.count),
+            routing_time_up_s=s.routing_time_up_ms / 1000,
+            up_window_s=s.up_window_seconds, cpu_down_threshold=s.cpu_down_threshold,
+            down_window_s=s.down_window_seconds, cooldown_s=s.cooldown_seconds,
+            period_s=s.period_seconds)
+
+        def routing() -> tuple[float, int]:
+            hists = [broker.metrics(name).routing for name in self.router.services]
+            return sum(h.sum for h in hists), sum(h.count for h in hists)
+
+        probe = DeltaProbe(routing=routing, cpu_seconds=workers.cpu_seconds,
+                           workers=lambda: workers.count)
+        return RouterScaler(spec=spec, probe=probe, workers=workers)
 
     def _scaling_status(self, name: str) -> dict[str, Any]:
         st = self.autoscaler.status().get(name)
@@ -125,6 +149,8 @@ class Runtime:
         if self.workers is not None and self.broker is not None:
             self._supervise_workers(self.broker)
             await self.workers.start()
+            if self.self_scaler is not None:
+                self.self_scaler.start()
         if self.member is not None:
             self._tasks.append(loop.create_task(self.member.run(), name="slot member"))
         await self.admin.start(*self.cfg.router.admin_addr)
@@ -148,9 +174,12 @@ class Runtime:
             return totals["busy"], totals["queued"]
 
         self.router.counts_of = counts
+        self.router.metrics_of = lambda svc: broker.metrics(svc.name)
 
     async def stop(self) -> None:
         log.info("draining (up to %.0f s)", self.cfg.router.drain_timeout_s)
+        if self.self_scaler is not None:
+            await self.self_scaler.stop()
         if self.workers is not None:
             self.router.handler.draining = True
             await self.workers.stop(self.cfg.router.drain_timeout_s)

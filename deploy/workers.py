@@ -43,6 +43,13 @@ def resolve_workers(workers: int | str) -> int:
     return available_cores() if workers == "auto" else int(workers)
 
 
+def supervisor_mode(cfg: MlfeConfig) -> bool:
+    """Worker processes: asked for, or the self-scaler may add them."""
+    scaling = cfg.router.self_scaling
+    may_grow = cfg.router.cluster_purpose != "DevTest" and resolve_workers(scaling.max_workers) > 1
+    return resolve_workers(cfg.router.workers) > 1 or may_grow
+
+
 def broker_address(cfg: MlfeConfig) -> str:
     return f"unix:{(cfg.router.state_dir / 'slots.sock').resolve()}"
 
@@ -65,7 +72,23 @@ class WorkerPool:
         for i in range(self._count):
             self._tasks.append(loop.create_task(self._keep(i), name=f"worker {i}"))
 
-    async def set_count(self, count: int) -> None:
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def cpu_seconds(self) -> float:
+        """CPU time the live workers used (user + system), from /proc."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
+
+    async def set_workers(self, count: int) -> None:
         """More or fewer workers (the router self-scaler's actuator)."""
         loop = asyncio.get_running_loop()
         for i in range(self._count, count):
@@ -135,6 +158,7 @@ async def _worker(cfg: MlfeConfig, broker: str, member_id: str) -> int:
         await wait_for_signal()
     finally:
         await router.drain(cfg.router.drain_timeout_s)
+        member.send_metrics()  # the last counts reach the supervisor before the line closes
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -79,6 +79,37 @@ class ServiceMetrics:
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERRORS, 0)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative counters, for a worker supervisor to add up (JSON-able)."""
+        return {
+            "requests": [[v, c, n] for (v, c), n in self.requests.items()],
+            "hist": {name: [*h.counts, h.sum, h.count] for name, h in self._histograms()},
+            "rejected": dict(self.rejected),
+            "errors": dict(self.upstream_errors),
+        }
+
+    def add(self, snap: dict[str, Any]) -> None:
+        """Add another process's snapshot into these counters."""
+        for version, cls, n in snap["requests"]:
+            key = (str(version), str(cls))
+            self.requests[key] = self.requests.get(key, 0) + int(n)
+        for name, h in self._histograms():
+            values = snap["hist"].get(name)
+            if values is None or len(values) != len(h.counts) + 2:
+                continue
+            for i, n in enumerate(values[: len(h.counts)]):
+                h.counts[i] += int(n)
+            h.sum += float(values[-2])
+            h.count += int(values[-1])
+        for reason, n in snap["rejected"].items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + int(n)
+        for kind, n in snap["errors"].items():
+            self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + int(n)
+
+    def _histograms(self) -> tuple[tuple[str, Histogram], ...]:
+        return (("total", self.total), ("queue_wait", self.queue_wait),
+                ("upstream", self.upstream), ("routing", self.routing))
+
     def count(self, version: str, status: int) -> None:
         key = (version, STATUS_CLASSES[min(max(status // 100 - 1, 0), 4)])
         self.requests[key] = self.requests.get(key, 0) + 1
@@ -96,6 +127,11 @@ def _labelled_histogram(name: str, doc: str, per_service: Iterable[tuple[str, Hi
     return fam
 
 
+def _own_metrics(svc: Service) -> ServiceMetrics:
+    m: ServiceMetrics = svc.metrics
+    return m
+
+
 class RouterCollector(Collector):
     """Reads the live router when scraped. `services` returns the current services; `scaling`
     what the autoscaler last decided per service; `extra` more families (data collection)."""
@@ -105,14 +141,18 @@ class RouterCollector(Collector):
         services: Callable[[], Mapping[str, Service]],
         scaling: Callable[[str], Mapping[str, Any]],
         extra: Callable[[], Iterable[Metric]] = lambda: (),
+        metrics_of: Callable[[Service], ServiceMetrics] | None = None,
+        counts_of: Callable[[str], tuple[int, int]] | None = None,
     ) -> None:
         self._services = services
         self._scaling = scaling
         self._extra = extra
+        self._metrics_of: Callable[[Service], ServiceMetrics] = metrics_of or _own_metrics
+        self._counts_of = counts_of
 
     def collect(self) -> Iterator[Metric]:
         services = dict(self._services())
-        named = [(n, s.metrics) for n, s in services.items()]
+        named = [(n, self._metrics_of(s)) for n, s in services.items()]
         with_unrouted = [*named, ("", UNROUTED)]
 
         requests = CounterMetricFamily(
@@ -162,8 +202,10 @@ class RouterCollector(Collector):
             labels=["service"])
         for name, svc in services.items():
             pool = svc.pool
-            in_flight.add_metric([name], pool.busy)
-            queued.add_metric([name], pool.queued)
+            busy, waiting = (pool.busy, pool.queued) if self._counts_of is None else (
+                self._counts_of(name))
+            in_flight.add_metric([name], busy)
+            queued.add_metric([name], waiting)
             ready = pool.ready
             replicas.add_metric([name, "ready"], ready)
             scaling = self._scaling(name)
@@ -171,6 +213,6 @@ class RouterCollector(Collector):
             replicas.add_metric([name, "desired"], scaling.get("desired", len(pool.replicas)))
             capacity = ready * pool.max_concurrent
             if capacity:
-                utilization.add_metric([name], (pool.busy + pool.queued) / capacity)
+                utilization.add_metric([name], (busy + waiting) / capacity)
         yield from (in_flight, queued, replicas, utilization)
         yield from self._extra()

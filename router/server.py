@@ -24,7 +24,7 @@ from router.auth import Credentials, KeyAuth, NoAuth
 from router.datacollect import DataCollector
 from router.http_server import HttpServerProtocol, Limits
 from router.keystore import KeyStore, atomic_write
-from router.metrics import RouterCollector
+from router.metrics import RouterCollector, ServiceMetrics
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service
@@ -148,9 +148,12 @@ class Router:
         # More metric families from parts outside the router (data collection).
         self.extra_metrics: Callable[[], Iterable[Metric]] = self._collector_metrics
         self.metrics = CollectorRegistry(auto_describe=False)
+        # A worker supervisor reads its workers' counters instead of its own (set by runtime).
+        self.metrics_of: Callable[[Service], ServiceMetrics] = lambda svc: svc.metrics
         self.metrics.register(RouterCollector(
             lambda: self.services, lambda name: self.scaling_status(name),
-            lambda: self.extra_metrics()))
+            lambda: self.extra_metrics(), lambda svc: self.metrics_of(svc),
+            lambda name: self.counts_of(name)))
 
     def _auth_for(self, name: str, owner: AuthSettings) -> Credentials:
         if owner.token_auth_enabled:

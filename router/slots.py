@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from router.coordination import SetSlots, SlotBroker
+from router.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
     from router.admission import Replica
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_S = 0.02
 HEARTBEAT_S = 1.0
+# Counters (for /metrics and the router self-scaler) go this often.
+METRICS_INTERVAL_S = 0.25
 RECONNECT_MAX_S = 2.0
 # A departed member's slots are held this long: the replica may still be running its requests.
 DEFAULT_GRACE_S = 2.0
@@ -70,6 +73,8 @@ class BrokerServer:
         self.stats: dict[str, dict[str, dict[str, int]]] = {}  # member -> service -> counts
         self._replicas: dict[str, list[str]] = {}  # pushed replica sets (worker mode)
         self._reported = asyncio.Event()  # replaced after each report: wakes drain waiters
+        self._metrics: dict[str, dict[str, dict[str, Any]]] = {}  # member -> service -> snap
+        self._retired: dict[str, ServiceMetrics] = {}  # counters of members that left
 
     async def start(self, address: str) -> None:
         if address.startswith("unix:"):
@@ -165,13 +170,29 @@ class BrokerServer:
                 {str(k): int(v) for k, v in msg["replicas"].items()},
                 {str(k): int(v) for k, v in msg.get("holding", {}).items()} or None,
             ))
+        elif op == "metrics":
+            self._metrics.setdefault(member, {})[msg["service"]] = msg["metrics"]
         elif op == "released":
             self._send(self.broker.released(member, msg["service"], msg["replica"],
                                             int(msg["slots"])))
 
+    def metrics(self, service: str) -> ServiceMetrics:
+        """A service's counters summed over its members, past and present."""
+        total = ServiceMetrics()
+        retired = self._retired.get(service)
+        if retired is not None:
+            total.add(retired.snapshot())
+        for services in self._metrics.values():
+            snap = services.get(service)
+            if snap is not None:
+                total.add(snap)
+        return total
+
     def _leave(self, member: str) -> None:
         self._leaving.pop(member, None)
         self.stats.pop(member, None)
+        for service, snap in self._metrics.pop(member, {}).items():
+            self._retired.setdefault(service, ServiceMetrics()).add(snap)
         log.info("slot broker: member %s left; its slots return to the pool", member)
         self._send(self.broker.leave(member))
 
@@ -241,14 +262,23 @@ class SlotMember:
             self._writer.write(_line(msg))
 
     async def _report_loop(self) -> None:
-        beat = 0.0
+        beat = metrics = 0.0
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)
             beat += REPORT_INTERVAL_S
+            metrics += REPORT_INTERVAL_S
             force = beat >= HEARTBEAT_S
             if force:
                 beat = 0.0
+            if metrics >= METRICS_INTERVAL_S:
+                metrics = 0.0
+                self.send_metrics()
             self._report(force=force)
+
+    def send_metrics(self) -> None:
+        """The counters of every service (each heartbeat, and once more when draining ends)."""
+        for name, svc in self._router.services.items():
+            self._write({"op": "metrics", "service": name, "metrics": svc.metrics.snapshot()})
 
     def _report(self, with_holding: bool = False, force: bool = False) -> None:
         for name, svc in self._router.services.items():

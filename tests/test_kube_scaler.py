@@ -14,6 +14,7 @@ import pytest
 from autoscaler.clock import FakeClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
+from autoscaler.router_scaler import DeploymentPods
 from deploy.config import parse_config
 from deploy.kube.api import KubeApi
 from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader, NotObserved
@@ -198,4 +199,30 @@ async def test_the_autoscaler_drives_the_target(fake: FakeKubeApi, api: KubeApi)
         await until(lambda: target.current("iris") == 8)
     finally:
         await loop.stop()
+        await target.close()
+
+
+async def test_the_router_deployment_for_the_self_scaler(fake: FakeKubeApi, api: KubeApi) -> None:
+    """The router's own Deployment is scaled through the same actuator, under its own name,
+    and stays tracked across config reloads."""
+    cfg = parse_config({"services": {"iris": {
+        "kubernetes": {"namespace": NS, "deployment": "iris"}, "auth_enabled": False}}})
+    fake.put_deployment("mlfe", "mlfe-router", replicas=2)
+    leading = True
+    target = KubernetesTarget({}, api, clock=FakeClock(), may_scale=lambda: leading)
+    target.add_deployment("router/mlfe-router", "mlfe", "mlfe-router")
+    target.configure({}, cfg.services)
+    pods = DeploymentPods(target, "router/mlfe-router", may_scale=lambda: leading)
+    try:
+        await asyncio.wait_for(target.wait_synced(), 10)
+        assert pods.current() == 2
+        target.configure({}, {})  # a reload without any kubernetes service
+        await pods.set_pods(3)
+        assert fake.deployment("mlfe", "mlfe-router")["spec"]["replicas"] == 3
+        assert writes(fake)[-1].path == "/apis/apps/v1/namespaces/mlfe/deployments/mlfe-router/scale"
+        leading = False
+        assert not pods.may_scale()
+        with pytest.raises(NotLeader):
+            await pods.set_pods(4)
+    finally:
         await target.close()

@@ -142,3 +142,68 @@ def test_two_router_instances_share_replicas_and_survive_a_kill(tmp_path: Path) 
     finally:
         for p in (a, b, *reps):
             p.stop()
+
+
+def worker_pids(supervisor: Proc) -> list[int]:
+    """The supervisor's live `mlfe worker` children."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == supervisor.proc.pid and fields[0] != "Z" and b"worker" in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def test_metrics_add_up_across_workers_and_the_router_scales_itself_up(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support import post_many
+
+    reps = slow_replicas(tmp_path, 1)
+    admin_port = free_port()
+    router = start_router(tmp_path, {
+        "router": {"workers": 1, "admin_listen": f"127.0.0.1:{admin_port}",
+                   # Thresholds so low that any load counts as slow routing: one more worker.
+                   "self_scaling": {"max_workers": 2, "routing_time_up_ms": 0.0001,
+                                    "up_window_seconds": 2, "period_seconds": 1,
+                                    "cpu_down_threshold": 0.01, "cooldown_seconds": 1}},
+        "services": {"slow": service(reps, replica_max_concurrent_requests=8)},
+    }, env={"MLFE_ADMIN_TOKEN": ADMIN})
+    try:
+        router.wait_for(lambda: len(worker_pids(router)) == 1, "one worker")
+        path = "/api/v1/service/slow/score"
+
+        async def until_two_workers() -> int:
+            sent = 0
+            while len(worker_pids(router)) < 2 and sent < 20_000:
+                statuses = await post_many(router.port, path, 400, {}, body=b'{"ms": 0}',
+                                           concurrency=16)
+                assert set(statuses) == {200}
+                sent += len(statuses)
+            return sent
+
+        sent = asyncio.run(until_two_workers())
+        assert len(worker_pids(router)) == 2, "the self-scaler did not add a worker"
+        # Every request any worker answered is counted once on the supervisor's /metrics.
+        def requests_total() -> float:
+            text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics",
+                             headers={"Authorization": f"Bearer {ADMIN}"}).text
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    if s.name == "mlfe_requests_total" and s.labels == {
+                            "service": "slow", "version": "", "status_class": "2xx"}:
+                        return s.value
+            return 0.0
+
+        router.wait_for(lambda: requests_total() == sent, f"{sent} requests on /metrics")
+    finally:
+        router.stop()
+        for r in reps:
+            r.stop()

@@ -11,6 +11,7 @@ runtime to await before it starts the autoscaler, whose first tick needs the rea
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from autoscaler.clock import Clock, MonotonicClock
@@ -19,6 +20,8 @@ from deploy.kube.api import KubeApi
 from deploy.kube.discovery import EndpointWatcher
 from deploy.kube.scaler import POLL_S, DeploymentRef, KubeScaler
 from router.services import Service
+
+log = logging.getLogger(__name__)
 
 REPLICA_PORT = "http"  # the Service port name; the slice's first port if none has this name
 
@@ -44,6 +47,8 @@ class KubernetesTarget:
         self.scaler = KubeScaler(api, may_scale=may_scale, clock=self._clock, poll_s=poll_s,
                                  on_external_change=on_external_change)
         self._watchers: dict[str, EndpointWatcher] = {}
+        self._kube_refs: dict[str, DeploymentRef] = {}  # the config's kubernetes services
+        self._extra: dict[str, DeploymentRef] = {}  # add_deployment()
         self._stopping: set[asyncio.Task[None]] = set()
 
     # ---- configuration ---------------------------------------------------------------------
@@ -71,8 +76,20 @@ class KubernetesTarget:
                 watcher.start()
             elif existing.addresses is not None:
                 self._apply(name, existing.addresses)  # the Service object may be new
-        self.scaler.set_targets({n: DeploymentRef(r.namespace, r.deployment)
-                                 for n, r in kube.items()})
+        self._kube_refs = {n: DeploymentRef(r.namespace, r.deployment) for n, r in kube.items()}
+        self._set_targets()
+
+    def add_deployment(self, name: str, namespace: str, deployment: str) -> None:
+        """Also scale ``namespace/deployment`` under ``name`` (``current(name)``,
+        ``scale(name, n)``), whatever the config says: the router's own Deployment, for the
+        router self-scaler. Kept across :meth:`configure`; no endpoints are followed for it."""
+        self._extra[name] = DeploymentRef(namespace, deployment)
+        self._set_targets()
+
+    def _set_targets(self) -> None:
+        for name in self._extra.keys() & self._kube_refs.keys():
+            log.error("service %r has the name of an added deployment; the service wins", name)
+        self.scaler.set_targets({**self._extra, **self._kube_refs})
         self.scaler.start()
 
     def _sink(self, name: str) -> Callable[[list[str]], None]:
