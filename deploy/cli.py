@@ -49,7 +49,7 @@ def _add_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("render", help="print the manifests of the router and the services")
-    p.add_argument("--config", required=True, help="YAML configuration file")
+    p.add_argument("--config", help="YAML configuration file (required unless --sidecar)")
     p.add_argument("--target", required=True, choices=["kubernetes"])
     p.add_argument("--namespace", help="namespace of every object (default: mlfe)")
     p.add_argument("--image", help="image of the model replicas: FROM the mlfe image, with the "
@@ -60,6 +60,17 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--generate-secret", action="store_true",
                    help="include the Secret mlfe-keys with fresh keys, signing key and admin "
                    "token (first install only: applying it again rotates every key)")
+    p.add_argument("--sidecar", action="store_true",
+                   help="instead: add mlfe as a sidecar (`mlfe sidecar`) to the Deployment of "
+                   "--deployment FILE and point its pods' Service at mlfe (--router-image is "
+                   "mlfe's image; --generate-secret adds the Secret of its keys)")
+    p.add_argument("--deployment", metavar="FILE",
+                   help="with --sidecar: a YAML file holding one Deployment (and optionally its "
+                   "Service)")
+    p.add_argument("--service-name", help="with --sidecar: the service name in the scoring URL "
+                   "(default: the Deployment's name)")
+    p.add_argument("--model-container", metavar="NAME",
+                   help="with --sidecar: the model's container, if the pod has several")
 
 
 def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -125,9 +136,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             self_signed_=args.self_signed, hosts=args.host, out_dir=args.out_dir,
             days=args.days, force=args.force,
         )
+    if args.command == "render" and args.sidecar:
+        from deploy.render import run_render_sidecar
+
+        if args.deployment is None or args.config is not None or args.image is not None:
+            print("mlfe render: --sidecar takes --deployment FILE, and neither --config nor "
+                  "--image", file=sys.stderr)
+            return 2
+        return run_render_sidecar(
+            deployment=args.deployment, target=args.target, namespace=args.namespace,
+            image=args.router_image, service_name=args.service_name,
+            model_container=args.model_container, output=args.output,
+            generate_secret=args.generate_secret,
+        )
     if args.command == "render":
         from deploy.render import run_render
 
+        if args.config is None or args.deployment is not None:
+            print("mlfe render: --config FILE is required (or --sidecar --deployment FILE)",
+                  file=sys.stderr)
+            return 2
         return run_render(
             config=args.config, target=args.target, namespace=args.namespace, image=args.image,
             router_image=args.router_image, output=args.output,

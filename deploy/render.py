@@ -14,6 +14,8 @@ token signing key, the admin token) is emitted only with `--generate-secret`, fr
 (keys set in the config are kept): rendering it again would rotate every key, so later renders
 leave it out and the Secret in the cluster stays.
 
+`--sidecar --deployment FILE` instead adds `mlfe sidecar` to an existing Deployment (below).
+
 The image of the model Deployments (`--image`) is the user's: FROM the mlfe image, with the
 config's directory copied to /var/azureml-app, so paths relative to the config file (entry
 scripts, model dirs) are the same paths under /var/azureml-app.
@@ -39,7 +41,14 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config, parse_config
+from deploy.config import (
+    NAME_RE,
+    ConfigError,
+    MlfeConfig,
+    ServiceConfig,
+    load_config,
+    parse_config,
+)
 
 Manifest = dict[str, Any]
 
@@ -577,3 +586,351 @@ def run_render(
                   f"ConfigMap; they reach the router only through the Secret {KEYS_SECRET} "
                   "(--generate-secret)", file=sys.stderr)
     return 0
+
+
+# ---- mlfe as a sidecar of an existing Deployment ---------------------------------------------
+#
+# `mlfe render --target kubernetes --sidecar --deployment FILE`: the file's Deployment comes back
+# with an `mlfe sidecar` container in its pod (deploy/sidecar.py), in front of the model container
+# on the pod's loopback, and the pod's Service pointed at mlfe's port. Everything else in the file
+# passes through unchanged (comments are not kept). Rendering an already rendered file again
+# replaces mlfe's container, keeping the MLFE_* variables added to it by hand.
+
+SIDECAR = "mlfe"  # the container's name
+SIDECAR_PORT_NAME = "mlfe-scoring"
+SIDECAR_KEYS_DIR = PurePosixPath("/etc/mlfe-keys")
+SIDECAR_VOLUMES = {"keys": "mlfe-keys", "state": "mlfe-state", "tmp": "mlfe-tmp"}
+SIDECAR_DRAIN_S = 30  # router.drain_timeout_s's default (MLFE_DRAIN_TIMEOUT_S)
+# A dev-test sidecar's share of the pod: the router idles at ~50 MiB.
+SIDECAR_RESOURCES = {"requests": {"cpu": "100m", "memory": "96Mi"},
+                     "limits": {"memory": "256Mi"}}
+# The model's liveness probe -> the sidecar's probe of the model (readiness follows it).
+_PROBE_ENV = {
+    "periodSeconds": "MLFE_PERIOD_SECONDS",
+    "initialDelaySeconds": "MLFE_INITIAL_DELAY_SECONDS",
+    "timeoutSeconds": "MLFE_TIMEOUT_SECONDS",
+    "failureThreshold": "MLFE_FAILURE_THRESHOLD",
+}
+
+
+@dataclass(frozen=True)
+class SidecarOptions:
+    image: str | None = None  # the mlfe image (default: mlfe:<version of this package>)
+    namespace: str | None = None  # default: the Deployment's own
+    service_name: str | None = None  # default: the Deployment's name
+    model_container: str | None = None  # default: the only other container, or the one on 5001
+    generate_secret: bool = False
+
+
+def sidecar_secret_name(deployment: str) -> str:
+    return f"{deployment}-mlfe-keys"
+
+
+def _port_numbers(container: dict[str, Any]) -> list[int]:
+    return [int(p["containerPort"]) for p in container.get("ports") or []
+            if p.get("protocol", "TCP") == "TCP"]
+
+
+def _free_port(preferred: int, taken: set[int]) -> int:
+    port = preferred
+    while port in taken:
+        port += 10
+    taken.add(port)
+    return port
+
+
+def _model_container(name: str, containers: list[dict[str, Any]],
+                     wanted: str | None) -> dict[str, Any]:
+    others = [c for c in containers if c.get("name") != SIDECAR]
+    if wanted is not None:
+        for c in others:
+            if c.get("name") == wanted:
+                return c
+        raise RenderError(f"--model-container: Deployment {name} has no container {wanted!r} "
+                          f"(it has {', '.join(repr(c.get('name')) for c in others)})")
+    if len(others) == 1:
+        return others[0]
+    on_model_port = [c for c in others if MODEL_PORT in _port_numbers(c)]
+    if len(on_model_port) == 1:
+        return on_model_port[0]
+    raise RenderError(
+        f"Deployment {name} has containers {', '.join(repr(c.get('name')) for c in others)}: "
+        "name the model's with --model-container"
+    )
+
+
+def _upstream_port(model: dict[str, Any]) -> int:
+    ports = _port_numbers(model)
+    if MODEL_PORT in ports or not ports:
+        return MODEL_PORT
+    for p in model.get("ports") or []:
+        if p.get("name") == "http":
+            return int(p["containerPort"])
+    return ports[0]
+
+
+def _literal_env(container: dict[str, Any], name: str) -> str | None:
+    for e in container.get("env") or []:
+        if e.get("name") == name and "value" in e:
+            return str(e["value"])
+    return None
+
+
+def _selects(service: Manifest, labels: dict[str, str], namespace: str | None) -> bool:
+    selector = (service.get("spec") or {}).get("selector") or {}
+    return (bool(selector) and service["metadata"].get("namespace") == namespace
+            and all(labels.get(k) == v for k, v in selector.items()))
+
+
+def _point_service(service: Manifest, model: dict[str, Any], upstream: int) -> None:
+    """The Service's ports that reached the model reach mlfe instead."""
+    model_ports = {upstream, *_port_numbers(model),
+                   *(p["name"] for p in model.get("ports") or [] if p.get("name"))}
+    ports = service["spec"].get("ports") or []
+    hits = [p for p in ports if p.get("targetPort", p.get("port")) in model_ports
+            or p.get("targetPort") == SIDECAR_PORT_NAME]
+    if not hits and len(ports) == 1:
+        hits = ports
+    if not hits:
+        raise RenderError(
+            f"Service {service['metadata']['name']}: none of its ports targets the model "
+            f"container's ports ({', '.join(map(str, sorted(map(str, model_ports))))}), so "
+            "which one should reach mlfe is not clear; point it at the port named "
+            f"{SIDECAR_PORT_NAME!r} yourself"
+        )
+    for p in hits:
+        p["targetPort"] = SIDECAR_PORT_NAME
+
+
+def sidecar_container(
+    deployment: str, model: dict[str, Any], service_name: str, image: str,
+    scoring_port: int, admin_port: int, upstream: int, previous: dict[str, Any] | None,
+) -> dict[str, Any]:
+    env: list[dict[str, Any]] = [
+        {"name": "MLFE_SERVICE_NAME", "value": service_name},
+        {"name": "MLFE_UPSTREAM", "value": f"127.0.0.1:{upstream}"},
+        {"name": "MLFE_LISTEN", "value": f"0.0.0.0:{scoring_port}"},
+        {"name": "MLFE_ADMIN_LISTEN", "value": f"127.0.0.1:{admin_port}"},
+        {"name": "MLFE_STATE_DIR", "value": str(STATE_DIR)},
+        {"name": "MLFE_PRIMARY_KEY_FILE", "value": str(SIDECAR_KEYS_DIR / "primary-key")},
+        {"name": "MLFE_SECONDARY_KEY_FILE", "value": str(SIDECAR_KEYS_DIR / "secondary-key")},
+        {"name": "MLFE_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": sidecar_secret_name(deployment), "key": "admin-token", "optional": True}}},
+    ]
+    # The admission cap is the model's own concurrency, as render gives model Deployments.
+    workers = _literal_env(model, "WORKER_COUNT")
+    if workers is not None:
+        env.append({"name": "MLFE_REPLICA_MAX_CONCURRENT_REQUESTS", "value": workers})
+    liveness = model.get("livenessProbe") or {}
+    for field, var in _PROBE_ENV.items():
+        if field in liveness:
+            env.append({"name": var, "value": str(liveness[field])})
+    ours = {e["name"] for e in env}
+    kept = [e for e in (previous or {}).get("env") or [] if e.get("name") not in ours]
+
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": SIDECAR_PORT_NAME, "scheme": "HTTP"},
+                "periodSeconds": period, "timeoutSeconds": 2, "successThreshold": 1,
+                "failureThreshold": failures}
+
+    return {
+        "name": SIDECAR,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["mlfe", "sidecar"],
+        "ports": [{"name": SIDECAR_PORT_NAME, "containerPort": scoring_port, "protocol": "TCP"}],
+        "env": env + kept,
+        "livenessProbe": {**probe("/-/healthy", 10, 3), "initialDelaySeconds": 5},
+        # /-/ready is 503 while the model fails its liveness probe (as the sidecar probes it).
+        "readinessProbe": probe("/-/ready", 2, 1),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        "resources": copy.deepcopy(SIDECAR_RESOURCES),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": APP_UID,
+            "runAsGroup": APP_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": SIDECAR_VOLUMES["keys"], "mountPath": str(SIDECAR_KEYS_DIR),
+             "readOnly": True},
+            {"name": SIDECAR_VOLUMES["state"], "mountPath": str(STATE_DIR)},
+            {"name": SIDECAR_VOLUMES["tmp"], "mountPath": "/tmp"},
+        ],
+    }
+
+
+def render_sidecar(docs: list[Manifest], opts: SidecarOptions) -> list[Manifest]:
+    """`docs` (the file's objects) with mlfe added to its one Deployment, the Service of that
+    Deployment's pods pointed at mlfe (one is added when the file has none), and with
+    `generate_secret` the Secret of mlfe's keys."""
+    docs = copy.deepcopy(docs)
+    deployments = [d for d in docs if d.get("kind") == "Deployment"]
+    if len(deployments) != 1:
+        raise RenderError(f"--deployment: the file must hold exactly one Deployment "
+                          f"(it holds {len(deployments)})")
+    dep = deployments[0]
+    meta = dep.setdefault("metadata", {})
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise RenderError("--deployment: the Deployment has no metadata.name")
+    if opts.namespace is not None:
+        if not _DNS_LABEL.match(opts.namespace):
+            raise RenderError(f"--namespace: {opts.namespace!r} is not a Kubernetes "
+                              "namespace name")
+        meta["namespace"] = opts.namespace
+    namespace = meta.get("namespace")
+    service_name = opts.service_name or name
+    if not NAME_RE.match(service_name):
+        raise RenderError(
+            f"{'--service-name' if opts.service_name else 'the Deployment name'}: "
+            f"{service_name!r} is not a service name (3-32 lowercase letters, digits and '-'); "
+            "give one with --service-name")
+    try:
+        template = dep["spec"]["template"]
+        pod = template["spec"]
+        containers: list[dict[str, Any]] = pod["containers"]
+    except (KeyError, TypeError):
+        raise RenderError(f"Deployment {name}: no spec.template.spec.containers") from None
+    labels: dict[str, str] = (template.get("metadata") or {}).get("labels") or {}
+
+    model = _model_container(name, containers, opts.model_container)
+    previous = next((c for c in containers if c.get("name") == SIDECAR), None)
+    upstream = _upstream_port(model)
+    taken = {upstream, *(p for c in containers if c is not previous for p in _port_numbers(c))}
+    scoring_port = _free_port(SCORING_PORT, taken)
+    admin_port = _free_port(ADMIN_PORT, taken)
+    container = sidecar_container(
+        name, model, service_name, opts.image or default_router_image(),
+        scoring_port, admin_port, upstream, previous)
+    if previous is not None:
+        containers[containers.index(previous)] = container
+    else:
+        containers.append(container)
+
+    volumes = [v for v in pod.get("volumes") or [] if v.get("name") not in
+               SIDECAR_VOLUMES.values()]
+    volumes += [
+        # 0444: the pod may run the model as another user, so no fsGroup is imposed; only
+        # mlfe's container mounts this Secret.
+        {"name": SIDECAR_VOLUMES["keys"],
+         "secret": {"secretName": sidecar_secret_name(name), "defaultMode": 0o444}},
+        {"name": SIDECAR_VOLUMES["state"], "emptyDir": {}},
+        {"name": SIDECAR_VOLUMES["tmp"], "emptyDir": {"sizeLimit": "16Mi"}},
+    ]
+    pod["volumes"] = volumes
+    pod["terminationGracePeriodSeconds"] = max(
+        int(pod.get("terminationGracePeriodSeconds", 30)),
+        PRESTOP_SLEEP_S + SIDECAR_DRAIN_S + GRACE_MARGIN_S)
+
+    services = [d for d in docs if d.get("kind") == "Service" and _selects(d, labels, namespace)]
+    for svc in services:
+        if opts.namespace is not None:
+            svc["metadata"]["namespace"] = opts.namespace
+        _point_service(svc, model, upstream)
+    out = docs
+    if not services:
+        selector = (dep["spec"].get("selector") or {}).get("matchLabels") or labels
+        svc_meta: dict[str, Any] = {"name": name}
+        if namespace is not None:
+            svc_meta["namespace"] = namespace
+        if meta.get("labels"):
+            svc_meta["labels"] = dict(meta["labels"])
+        out.insert(out.index(dep) + 1, {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": svc_meta,
+            "spec": {"type": "ClusterIP", "selector": dict(selector),
+                     "ports": [{"name": "http", "port": 80, "targetPort": SIDECAR_PORT_NAME,
+                                "protocol": "TCP"}]},
+        })
+    if opts.generate_secret:
+        secret_meta: dict[str, Any] = {"name": sidecar_secret_name(name)}
+        if namespace is not None:
+            secret_meta["namespace"] = namespace
+        out.insert(out.index(dep), {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": secret_meta,
+            "type": "Opaque",
+            "stringData": {"primary-key": _generate_key(), "secondary-key": _generate_key(),
+                           "admin-token": _generate_key()},
+        })
+    return out
+
+
+def run_render_sidecar(
+    deployment: str,
+    target: str = "kubernetes",
+    namespace: str | None = None,
+    image: str | None = None,
+    service_name: str | None = None,
+    model_container: str | None = None,
+    output: str | None = None,
+    generate_secret: bool = False,
+) -> int:
+    """`mlfe render --target kubernetes --sidecar --deployment FILE`: 0, or 2 with the reason."""
+    if target not in TARGETS:
+        print(f"mlfe: --target: unknown target {target!r} (known: {', '.join(TARGETS)})",
+              file=sys.stderr)
+        return 2
+    opts = SidecarOptions(image=image, namespace=namespace, service_name=service_name,
+                          model_container=model_container, generate_secret=generate_secret)
+    try:
+        try:
+            text = Path(deployment).read_text("utf-8")
+            docs = [d for d in yaml.safe_load_all(text) if d]
+        except OSError as e:
+            raise RenderError(f"--deployment: cannot read {deployment!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise RenderError(f"--deployment: {deployment!r} is not valid YAML: {e}") from None
+        if not all(isinstance(d, dict) and "kind" in d for d in docs):
+            raise RenderError(f"--deployment: {deployment!r} holds something other than "
+                              "Kubernetes objects")
+        out = render_sidecar(docs, opts)
+        header = (f"# Rendered by `mlfe render --target {target} --sidecar` from "
+                  f"{deployment}.\n")
+        written = _write_sidecar_output(out, output or "-", header, Path(deployment).stem)
+    except ConfigError as e:
+        print(f"mlfe: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"mlfe: wrote {path}", file=sys.stderr)
+    if not generate_secret:
+        dep = next(d for d in out if d["kind"] == "Deployment")
+        name = dep["metadata"]["name"]
+        ns = dep["metadata"].get("namespace")
+        print(f"mlfe: note: the pod needs the Secret {sidecar_secret_name(name)} with "
+              "primary-key and secondary-key (and optionally admin-token); create it once: "
+              f"kubectl{f' -n {ns}' if ns else ''} create secret generic "
+              f"{sidecar_secret_name(name)} --from-literal=primary-key=$(openssl rand -hex 24) "
+              "--from-literal=secondary-key=$(openssl rand -hex 24), or render with "
+              "--generate-secret", file=sys.stderr)
+    return 0
+
+
+def _write_sidecar_output(docs: list[Manifest], output: str, header: str,
+                          stem: str) -> list[Path]:
+    if output == "-":
+        sys.stdout.write(dump_documents(docs, header))
+        return []
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise RenderError(f"--output: {output!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    secrets_ = [d for d in docs if d["kind"] == "Secret"]
+    rest = [d for d in docs if d["kind"] != "Secret"]
+    written = []
+    if secrets_:
+        path = out / "secret.yaml"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(dump_documents(secrets_, header), encoding="utf-8")
+        written.append(path)
+    path = out / f"{stem}.yaml"
+    path.write_text(dump_documents(rest, header), encoding="utf-8")
+    written.append(path)
+    return written

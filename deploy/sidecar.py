@@ -16,7 +16,8 @@ upper-cased with `MLFE_` in front, validated by the same models as the YAML (dep
   `MLFE_PERIOD_SECONDS`, `MLFE_INITIAL_DELAY_SECONDS`, `MLFE_TIMEOUT_SECONDS`,
   `MLFE_SUCCESS_THRESHOLD`, `MLFE_FAILURE_THRESHOLD`;
 - the router: `MLFE_LISTEN` (default `0.0.0.0:8080`: the pod's scoring port must be reachable),
-  `MLFE_ADMIN_LISTEN` (default `127.0.0.1:8081`), `MLFE_STATE_DIR`, `MLFE_MAX_BODY_BYTES`, `MLFE_TLS_CERT_FILE` + `MLFE_TLS_KEY_FILE`, `MLFE_TOKEN_ISSUERS` (JSON),
+  `MLFE_ADMIN_LISTEN` (default `127.0.0.1:8081`), `MLFE_STATE_DIR`, `MLFE_MAX_BODY_BYTES`,
+  `MLFE_TLS_CERT_FILE` + `MLFE_TLS_KEY_FILE`, `MLFE_TOKEN_ISSUERS` (JSON),
   `MLFE_TOKEN_LIFETIME_S`, `MLFE_TOKEN_LEEWAY_S`, `MLFE_MAX_HEADER_BYTES`,
   `MLFE_MAX_HEADER_COUNT`, `MLFE_CLIENT_HEADER_TIMEOUT_S`, `MLFE_CLIENT_BODY_TIMEOUT_S`,
   `MLFE_KEEPALIVE_TIMEOUT_S`, `MLFE_DRAIN_TIMEOUT_S`, `MLFE_ACCESS_LOG`, `MLFE_DATA_DIR`,
@@ -25,8 +26,9 @@ upper-cased with `MLFE_` in front, validated by the same models as the YAML (dep
 
 The list is built from the models, so every setting that applies has its variable (`SETTINGS`).
 Settings that do not apply to a sidecar (the replica source, autoscaling, the model's resources,
-router workers, coordination and self-scaling) are refused by name, as is any other `MLFE_*` variable (a typo), except the variables Kubernetes
-itself sets for a Service named `mlfe` (`MLFE_SERVICE_HOST`, `MLFE_PORT...`). An empty variable
+router workers, coordination and self-scaling) are refused by name, as is any other `MLFE_*`
+variable (a typo), except those Kubernetes itself sets for a Service named `mlfe`
+(`MLFE_SERVICE_HOST`, `MLFE_PORT...`). An empty variable
 counts as unset. A bad value is refused naming the variable and the value (a key never).
 
 Readiness follows the model: `/-/ready` answers 503 until the upstream passes its liveness probe
@@ -380,8 +382,8 @@ class UpstreamHealth:
                 if self.state.ready:
                     log.info("upstream %s is live: ready", addr)
                 else:
-                    log.warning("upstream %s failed %d liveness probes in a row: not ready",
-                                addr, self.state.failure_threshold)
+                    log.warning("upstream %s failed its liveness probe %d time(s) in a row: "
+                                "not ready", addr, self.state.failure_threshold)
             if not self.state.ever_ready:
                 if not warned and loop.time() - started >= self.initial_delay_s:
                     warned = True

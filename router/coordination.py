@@ -49,7 +49,6 @@ class _Service:
     replicas: dict[str, _Replica] = field(default_factory=dict)
     known_by: dict[str, set[str]] = field(default_factory=dict)  # replica -> members
     demand: dict[str, int] = field(default_factory=dict)  # member -> busy + queued
-    turn: int = 0  # rotates who gets odd spare slots, so none is always last
 
 
 def shares(total: int, weights: Mapping[str, int], turn: int = 0) -> dict[str, int]:
@@ -191,20 +190,20 @@ class SlotBroker:
             return []
         total = sum(r.cap for r in svc.replicas.values())
         demand = {m: max(0, svc.demand.get(m, 0)) for m in members}
-        busy = min(total, sum(demand.values()))
-        target = shares(busy, demand, svc.turn)
-        spare = shares(total - busy, dict.fromkeys(members, 0), svc.turn)
-        svc.turn += 1
-        for m in members:
-            target[m] += spare[m]
-        out: list[SetSlots] = []
-        # 1. Take back from members over their target, only as much as others need beyond
-        # the free slots (no churn when nobody is short).
+        # Slots for the demand there is, split by demand; the rest spread evenly. Each member
+        # should hold between `lo` and `hi`; inside that band nothing moves (no churn).
+        target = shares(min(total, sum(demand.values())), demand)
+        spare, odd = divmod(total - sum(target.values()), len(members))
+        lo = {m: target[m] + spare for m in members}
+        hi = {m: lo[m] + (1 if odd else 0) for m in members}
         counted = {m: self._counted(svc, m) for m in members}
-        short = sum(max(0, target[m] - counted[m]) for m in members)
+        out: list[SetSlots] = []
+        # 1. Take back from members above `hi`, only as much as members below `lo` lack
+        # beyond the free slots.
+        short = sum(max(0, lo[m] - counted[m]) for m in members)
         take = max(0, short - sum(max(0, r.free()) for r in svc.replicas.values()))
-        for m in sorted(members, key=lambda m: target[m] - counted[m]):
-            excess = min(counted[m] - target[m], take)
+        for m in sorted(members, key=lambda m: hi[m] - counted[m]):
+            excess = min(counted[m] - hi[m], take)
             if excess <= 0:
                 continue
             take -= excess
@@ -218,21 +217,20 @@ class SlotBroker:
                     rep.lowering[m] = usable - cut
                     excess -= cut
                     out.append(SetSlots(m, service, addr, usable - cut))
-        # 2. Give free slots to members under their target.
-        for m in members:
-            need = target[m] - self._counted(svc, m)
-            if need <= 0:
-                continue
-            for addr, rep in sorted(svc.replicas.items(), key=lambda kv: -kv[1].free()):
-                if need <= 0:
-                    break
-                if m not in svc.known_by.get(addr, ()) or m in rep.lowering:
-                    continue
-                give = min(rep.free(), need)
-                if give > 0:
-                    self._set_held(rep, m, rep.held.get(m, 0) + give)
-                    need -= give
-                    out.append(SetSlots(m, service, addr, rep.held[m]))
+        # 2. Free slots: first up to `lo`, then up to `hi`.
+        for bound in (lo, hi):
+            for m in members:
+                need = bound[m] - self._counted(svc, m)
+                for addr, rep in sorted(svc.replicas.items(), key=lambda kv: -kv[1].free()):
+                    if need <= 0:
+                        break
+                    if m not in svc.known_by.get(addr, ()) or m in rep.lowering:
+                        continue
+                    give = min(rep.free(), need)
+                    if give > 0:
+                        self._set_held(rep, m, rep.held.get(m, 0) + give)
+                        need -= give
+                        out.append(SetSlots(m, service, addr, rep.held[m]))
         return out
 
     @staticmethod
