@@ -23,6 +23,7 @@ from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_scaler import DeltaProbe, RouterScaler, RouterScalingSpec
 from deploy import logs
+from deploy.cluster import Cluster, uses_kubernetes
 from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
 from deploy.local_target import LocalTarget
 from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
@@ -109,6 +110,9 @@ class Runtime:
         self.autoscaler = AutoscalerLoop(counts=counts, actuator=self.target,
                                          clock=MonotonicClock())
         self.router.scaling_status = self._scaling_status
+        self.cluster: Cluster | None = None
+        if uses_kubernetes(cfg):
+            self.cluster = Cluster(cfg, self.router, counts, admin_token(cfg.router.state_dir))
 
     def _self_scaler(self, workers: WorkerPool, broker: BrokerServer) -> RouterScaler | None:
         s = self.cfg.router.self_scaling
@@ -131,7 +135,11 @@ class Runtime:
         return RouterScaler(spec=spec, probe=probe, workers=workers)
 
     def _scaling_status(self, name: str) -> dict[str, Any]:
-        st = self.autoscaler.status().get(name)
+        loop = self.autoscaler
+        if self.cluster is not None and self.cluster.autoscaler is not None and (
+                self.cfg.services[name].kubernetes is not None):
+            loop = self.cluster.autoscaler
+        st = loop.status().get(name)
         if st is None:
             return {}
         util = st.utilization
@@ -153,6 +161,8 @@ class Runtime:
                 self.self_scaler.start()
         if self.member is not None:
             self._tasks.append(loop.create_task(self.member.run(), name="slot member"))
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.admin.start(*self.cfg.router.admin_addr)
         self.target.configure(self.router.services, self.cfg.services)
         self.autoscaler.set_services(
@@ -188,6 +198,8 @@ class Runtime:
             if not clean:
                 log.warning("drain timeout: connections were cut off")
         await self.autoscaler.stop()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.target.close()
         for task in self._tasks:
             task.cancel()
@@ -240,6 +252,9 @@ def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False
     base_dir = Path(config_path).resolve().parent
     try:
         return uvloop.run(serve(cfg, base_dir, friendly, Path(config_path).resolve()))
+    except ConfigError as e:  # found only at start (e.g. no Kubernetes API to talk to)
+        print(f"mlfe: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"mlfe: cannot listen: {e.strerror}", file=sys.stderr)
         return 1

@@ -34,9 +34,11 @@ counts as unset. A bad value is refused naming the variable and the value (a key
 Readiness follows the model: `/-/ready` answers 503 until the upstream passes its liveness probe
 (`GET /`, 2xx/3xx within `timeout_seconds`) `success_threshold` times in a row, and again once it
 fails it `failure_threshold` times in a row, so Kubernetes takes the pod out of its Service while
-the model is down. The upstream is probed every `period_seconds`; until it has been live once
-(a model still loading) it is probed every 0.1 s, and a warning is logged if it is still not
-live after `initial_delay_seconds`. Liveness (`/-/healthy`) is the sidecar's own.
+the model is down; scoring requests meanwhile get azureml's 503 `No ready replicas` (with
+`Retry-After`), and flow again as soon as the probe passes. The upstream is probed every
+`period_seconds`; until it has been live once (a model still loading) it is probed every 0.1 s,
+and a warning is logged if it is still not live after `initial_delay_seconds`. Liveness
+(`/-/healthy`) is the sidecar's own.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -356,8 +358,10 @@ class Readiness:
 class UpstreamHealth:
     """Probes the upstream in the background; `is_ready` is the router's readiness hook."""
 
-    def __init__(self, host: str, port: int, cfg: ServiceConfig) -> None:
+    def __init__(self, host: str, port: int, cfg: ServiceConfig,
+                 on_change: Callable[[bool], None] = lambda ready: None) -> None:
         self.host, self.port = host, port
+        self.on_change = on_change
         self.period_s = float(cfg.period_seconds)
         self.timeout_s = float(cfg.timeout_seconds)
         self.initial_delay_s = float(cfg.initial_delay_seconds)
@@ -379,6 +383,7 @@ class UpstreamHealth:
             began = loop.time()
             ok = await probe_http(self.host, self.port, timeout_s=self.timeout_s)
             if self.state.observe(ok):
+                self.on_change(self.state.ready)
                 if self.state.ready:
                     log.info("upstream %s is live: ready", addr)
                 else:
@@ -409,12 +414,25 @@ async def serve(settings: SidecarSettings) -> int:
     from deploy.runtime import wait_for_signal
     from router.admin import AdminApi, admin_token
     from router.server import Router
+    from router.services import grant_all
 
     cfg = settings.config
     router = Router(cfg, asyncio.get_running_loop())
     admin = AdminApi(router, admin_token(cfg.router.state_dir))
     host, port = settings.upstream
-    health = UpstreamHealth(host, port, settings.service_config)
+
+    def follow(ready: bool) -> None:
+        # The probe is the authority on the upstream: requests meet "No ready replicas" (503)
+        # while it is down, and flow again the moment it is back (not after the router's own
+        # probe backoff).
+        svc = router.services[settings.service]
+        for replica in svc.pool.replicas:
+            if ready:
+                grant_all(svc.pool.mark_up(replica))
+            else:
+                svc.pool.mark_down(replica)
+
+    health = UpstreamHealth(host, port, settings.service_config, follow)
     router.handler.ready_check = health.is_ready
     await router.start()
     await admin.start(*cfg.router.admin_addr)

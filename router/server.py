@@ -51,10 +51,9 @@ def check_supported(cfg: MlfeConfig) -> None:
     """Refuse, by name, what this build of the router cannot serve yet."""
     problems = []
     for name, svc in cfg.services.items():
-        if svc.kubernetes is not None or svc.synthetic is not None:
+        if svc.synthetic is not None:
             problems.append(
-                f"services.{name}: only 'upstreams' and 'entry_script' replicas "
-                "are supported so far"
+                f"services.{name}: synthetic replicas are not supported by the router yet"
             )
     if problems:
         raise ConfigError("unsupported configuration:\n  " + "\n  ".join(problems))

@@ -1,0 +1,124 @@
+"""mlfe in a cluster: `kubernetes:` services find their replicas in EndpointSlices and are
+scaled through `deployments/{name}/scale`, by whichever router pod holds the Lease.
+
+Every router pod routes; only the leader scales. Each leadership term gets a fresh autoscaler
+(no stale scale-down window carries over) reading load summed over every router pod
+(`PeerCounts`: each pod's `/v1/stats`, pods found through the router's admin Service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from autoscaler.clock import MonotonicClock
+from autoscaler.loop import AutoscalerLoop, CountsSource
+from deploy.config import ConfigError, MlfeConfig
+
+if TYPE_CHECKING:
+    from deploy.kube import (
+        EndpointWatcher,
+        KubeApi,
+        KubernetesTarget,
+        LeaderElector,
+        PeerCounts,
+    )
+    from router.server import Router
+
+log = logging.getLogger(__name__)
+
+SYNC_TIMEOUT_S = 10.0
+
+
+def uses_kubernetes(cfg: MlfeConfig) -> bool:
+    return any(s.kubernetes is not None for s in cfg.services.values())
+
+
+class Cluster:
+    def __init__(self, cfg: MlfeConfig, router: Router, local_counts: CountsSource,
+                 admin_token: str) -> None:
+        self.cfg = cfg
+        self._router = router
+        self._local_counts = local_counts
+        self._admin_token = admin_token
+        self.api: KubeApi | None = None
+        self.target: KubernetesTarget | None = None
+        self.elector: LeaderElector | None = None
+        self.peers: PeerCounts | None = None
+        self._peer_watch: EndpointWatcher | None = None
+        self._lead: asyncio.Task[None] | None = None
+        self.autoscaler: AutoscalerLoop | None = None
+
+    async def start(self) -> None:
+        # Imported here: kubernetes_asyncio is an optional extra and slow to import.
+        from deploy.kube import (
+            KubeApi,
+            KubeError,
+            KubernetesTarget,
+            LeaderElector,
+            PeerCounts,
+            default_identity,
+            follow_leadership,
+            peer_watcher,
+            pod_ip,
+        )
+
+        try:
+            self.api = await KubeApi.connect()
+        except KubeError as e:
+            raise ConfigError(
+                f"services: kubernetes services need the Kubernetes API: {e}") from None
+        self.elector = LeaderElector(self.api, identity=default_identity())
+        elector = self.elector
+        self.target = KubernetesTarget(self._router.services, self.api,
+                                       may_scale=lambda: elector.is_leader)
+        self.target.configure(self._router.services, self.cfg.services)
+        self.peers = PeerCounts(self._local_counts, admin_token=self._admin_token,
+                                self_hosts=[pod_ip()])
+        self._peer_watch = peer_watcher(self.api, self.peers)
+        self._peer_watch.start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SYNC_TIMEOUT_S):
+                await self.target.wait_synced()  # the first tick needs the real counts
+        self.elector.start()
+        self._lead = asyncio.get_running_loop().create_task(
+            follow_leadership(self.elector, self._start_scaling, self._stop_scaling),
+            name="leadership")
+
+    async def _start_scaling(self) -> None:
+        from deploy.runtime import scaling_spec
+
+        assert self.peers is not None and self.target is not None
+        log.info("leading: scaling the kubernetes services")
+        self.peers.start()
+        self.autoscaler = AutoscalerLoop(counts=self.peers, actuator=self.target,
+                                         clock=MonotonicClock())
+        self.autoscaler.set_services({n: scaling_spec(c) for n, c in self.cfg.services.items()
+                                      if c.kubernetes is not None})
+        self.autoscaler.start()
+
+    async def _stop_scaling(self) -> None:
+        log.info("not leading: scaling stops")
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
+            self.autoscaler = None
+        if self.peers is not None:
+            await self.peers.stop()
+
+    async def close(self) -> None:
+        if self._lead is not None:
+            self._lead.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lead
+        if self.elector is not None:
+            await self.elector.close()
+        if self._peer_watch is not None:
+            await self._peer_watch.close()
+        if self.peers is not None:
+            await self.peers.close()
+        if self.target is not None:
+            await self.target.close()
+        if self.api is not None:
+            await self.api.close()

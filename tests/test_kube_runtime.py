@@ -1,0 +1,81 @@
+"""`mlfe serve` with a `kubernetes:` service against the fake API server: the replica pool
+follows the EndpointSlices, the pod takes the Lease, and its autoscaler patches only the
+`/scale` subresource (here: down to the minimum of an idle service)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tests.fake_kube_api import ep, fake_cluster
+from tests.support import Proc, free_port, spawn
+
+ADMIN = "admin-token-for-tests"
+
+
+async def poll(what: str, condition: Any, router: Proc, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        assert router.alive(), router.log()[-3000:]
+        await asyncio.to_thread(router.pause, 0.05)  # waits on the process: the poll interval
+
+
+async def test_serve_follows_endpoint_slices_and_scales_through_the_subresource(
+        tmp_path: Path) -> None:
+    async with fake_cluster(tmp_path) as fake:
+        fake.put_deployment("models", "iris", replicas=3)
+        fake.put_slice("models", "iris-abc", "iris", [ep("192.0.2.10"), ep("192.0.2.11")])
+        port, admin_port = free_port(), free_port()
+        cfg = {
+            "router": {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}",
+                       "state_dir": str(tmp_path / "state")},
+            "services": {"iris": {
+                "kubernetes": {"namespace": "models", "deployment": "iris"},
+                "autoscale_min_replicas": 1, "autoscale_max_replicas": 4,
+                "autoscale_refresh_seconds": 0.2, "autoscale_scale_down_window_seconds": 1,
+            }},
+        }
+        path = tmp_path / "k8s.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        router = spawn(["serve", "--config", str(path)], tmp_path / "router.log", port,
+                       {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
+                        "POD_NAME": "mlfe-router-0"})
+        try:
+            async with httpx.AsyncClient(timeout=5) as c:
+                async def replicas() -> int | None:
+                    try:
+                        r = await c.get(f"http://127.0.0.1:{admin_port}/v1/services/iris",
+                                        headers={"Authorization": f"Bearer {ADMIN}"})
+                    except httpx.TransportError:
+                        assert router.alive(), router.log()
+                        return None
+                    return len(r.json()["replicas"]) if r.status_code == 200 else None
+
+                async def has(n: int) -> bool:
+                    return await replicas() == n
+
+                await poll("two replicas from the slice", lambda: has(2), router)
+                fake.put_slice("models", "iris-abc", "iris",
+                               [ep("192.0.2.10"), ep("192.0.2.11", ready=False), ep("192.0.2.12")])
+                fake.put_slice("models", "iris-def", "iris", [ep("192.0.2.13")])
+                await poll("ready endpoints of both slices", lambda: has(3), router)
+
+                async def scaled_down() -> bool:
+                    return bool(fake.deployment("models", "iris")["spec"]["replicas"] == 1)
+
+                await poll("the idle service scaled to its minimum", scaled_down, router)
+                assert fake.lease("mlfe", "mlfe-autoscaler") is not None
+                patches = fake.seen("PATCH")
+                assert patches and all(s.path.endswith("/deployments/iris/scale")
+                                       for s in patches)
+                assert not fake.seen("PUT", "/apis/apps/v1/namespaces/models/deployments/iris")
+        finally:
+            router.signal()
+            code = await asyncio.to_thread(router.wait_exit)
+            assert code == 0, router.log()[-3000:]
