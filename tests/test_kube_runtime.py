@@ -17,9 +17,9 @@ from tests.support import Proc, free_port, spawn
 ADMIN = "admin-token-for-tests"
 
 
-async def poll(what: str, condition: Any, router: Proc, timeout: float = 30.0) -> None:
+async def poll(what: str, condition: Any, router: Proc, within_s: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within_s
     while not await condition():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         assert router.alive(), router.log()[-3000:]
