@@ -691,3 +691,214 @@ def machine_info(tools: Mapping[str, Sequence[str]] | None = None) -> dict[str, 
         "hostname": socket.gethostname(),
         "tools": {name: tool_version(argv) for name, argv in (tools or {}).items()},
     }
+
+
+# --- process trees, memory, percentiles, open-loop load (workers, autoscale, overload) -------
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every live descendant of it (one scan of /proc): a supervisor and its
+    workers, even when those run in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def cpu_seconds_alive(pids: Iterable[int]) -> float:
+    """utime + stime summed over `pids`, skipping any that have exited meanwhile."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of a process in KiB (VmRSS of /proc/<pid>/status); None if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linear between closest ranks; None for no values."""
+    vals = sorted(values)
+    if not vals:
+        return None
+    pos = (len(vals) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+async def http_get_json_async(
+    port: int, path: str, *, headers: Mapping[str, str] | None = None, timeout_s: float = 2.0,
+    host: str = "127.0.0.1",
+) -> Any:
+    """GET `path` on a fresh connection from inside an event loop and decode its JSON body;
+    None if the exchange failed or did not answer 200 with JSON."""
+    import asyncio
+
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+               + "\r\n").encode()
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            status, _, body = await _read_response(reader)
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+    if status != 200:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+async def _read_response(reader: Any) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response off an asyncio.StreamReader: (status, lower-cased headers,
+    body); bodies by Content-Length or chunked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    hdrs: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+    if status < 200 or status in (204, 304):
+        return status, hdrs, b""
+    if "content-length" in hdrs:
+        return status, hdrs, await reader.readexactly(int(hdrs["content-length"]))
+    if hdrs.get("transfer-encoding", "").lower() == "chunked":
+        parts: list[bytes] = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers
+                return status, hdrs, b"".join(parts)
+            parts.append((await reader.readexactly(size + 2))[:-2])
+    raise ValueError("response without Content-Length or chunked encoding")
+
+
+# (scheduled time, latency, status, Retry-After present). Times in seconds from the load's
+# start; latency from the *scheduled* time (an open-loop generator that falls behind charges
+# the wait to the system, not to itself). status 0: connection error or client timeout;
+# -1: not sent (the generator was at its connection limit).
+LoadRecord = tuple[float, float, int, bool]
+
+
+async def open_loop_load(
+    port: int,
+    path: str,
+    *,
+    rate_at: Callable[[float], float],
+    duration_s: float,
+    records: list[LoadRecord],
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b'{"data": [1]}',
+    max_connections: int = 1024,
+    timeout_s: float = 30.0,
+    t0: float | None = None,
+    host: str = "127.0.0.1",
+) -> int:
+    """Open-loop load: POST `path` at the offered rate `rate_at(t)` (requests/s, t in seconds
+    since `t0`, default now) for `duration_s`, each request started on its schedule whether or
+    not earlier ones have been answered (evenly spaced at the current rate, not closed-loop).
+    Keep-alive connections are reused from a free list; a new one is opened when none is idle,
+    up to `max_connections`. Each answer (or failure) is appended to `records` as it happens,
+    so a caller can read them while the load runs. Returns how many requests were scheduled.
+    Waits for outstanding answers (at most `timeout_s`) before returning."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    start = loop.time() if t0 is None else t0
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+               + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    open_conns = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(scheduled: float) -> None:
+        nonlocal open_conns
+        conn = idle.pop() if idle else None
+        if conn is None:
+            if open_conns >= max_connections:
+                records.append((scheduled, 0.0, -1, False))
+                return
+            open_conns += 1
+            try:
+                async with asyncio.timeout(timeout_s):
+                    conn = await asyncio.open_connection(host, port)
+            except (OSError, TimeoutError):
+                open_conns -= 1
+                records.append((scheduled, loop.time() - start - scheduled, 0, False))
+                return
+        reader, writer = conn
+        try:
+            writer.write(request)
+            async with asyncio.timeout(timeout_s):
+                status, hdrs, _ = await _read_response(reader)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            writer.close()
+            open_conns -= 1
+            records.append((scheduled, loop.time() - start - scheduled, 0, False))
+            return
+        records.append((scheduled, loop.time() - start - scheduled, status,
+                        "retry-after" in hdrs))
+        if hdrs.get("connection", "").lower() == "close":
+            writer.close()
+            open_conns -= 1
+        else:
+            idle.append(conn)
+
+    scheduled = 0
+    t = 0.0
+    idle_step = 0.01  # how finely a zero-rate stretch is stepped through
+    while t < duration_s:
+        rate = rate_at(t)
+        if rate <= 0:
+            t += idle_step
+            continue
+        delay = start + t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = loop.create_task(one(t))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        scheduled += 1
+        t += 1.0 / rate
+    rest = start + duration_s - loop.time()
+    if rest > 0:
+        await asyncio.sleep(rest)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=timeout_s)
+    for _, writer in idle:
+        writer.close()
+    return scheduled

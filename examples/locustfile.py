@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import gevent
 from locust import FastHttpUser, constant, events, task
 
-PAYLOAD = os.environ.get("SCORING_PAYLOAD", '{"data": [[5.1, 3.5, 1.4, 0.2]]}').encode()
+PAYLOAD = os.environ.get("SCORING_PAYLOAD", '{"data": [[5.1, 3.5, 1.4, 0.2]]}')
 RETRIES = int(os.environ.get("SCORING_RETRIES", "3"))
 BACKOFF_S = 0.5
 BACKOFF_MAX_S = 8.0
