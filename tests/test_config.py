@@ -105,11 +105,3 @@ def test_load_config_reports_file_problems(tmp_path: Path) -> None:
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(listy)
-
-
-def test_router_refuses_unsupported_sources_by_name(tmp_path: Path) -> None:
-    from router.server import check_supported
-
-    cfg = parse_config({"services": {"svc": {"synthetic": {"latency": "fixed:10ms"}}}})
-    with pytest.raises(ConfigError, match=r"services\.svc"):
-        check_supported(cfg)
