@@ -22,13 +22,13 @@ from autoscaler.clock import MonotonicClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_scaler import DeltaProbe, RouterScaler, RouterScalingSpec
-from deploy import logs
 from deploy.cluster import Cluster, uses_kubernetes
-from deploy.config import ConfigError, MlfeConfig, ServiceConfig, load_config
+from deploy.config import ConfigError, MlfeConfig, ServiceConfig
 from deploy.local_target import LocalTarget
+from deploy.startup import load_for_serving
 from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
 from router.admin import AdminApi, admin_token
-from router.server import Router, check_supported
+from router.server import Router
 from router.slots import DEFAULT_GRACE_S, BrokerServer, SlotMember
 
 log = logging.getLogger(__name__)
@@ -240,14 +240,9 @@ async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False,
 
 
 def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False) -> int:
-    logs.configure(log_level)
-    try:
-        cfg = load_config(config_path)
-        check_supported(cfg)
-    except ConfigError as e:
-        print(f"mlfe: {e}", file=sys.stderr)
+    cfg = load_for_serving(config_path, log_level)
+    if cfg is None:
         return 2
-    logs.configure(log_level, cfg.router.log_format)
     # Relative paths in a config (entry scripts, model dirs) are relative to the config file.
     base_dir = Path(config_path).resolve().parent
     try:

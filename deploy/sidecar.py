@@ -49,6 +49,7 @@ import difflib
 import logging
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -409,9 +410,16 @@ class UpstreamHealth:
 # ---- the process --------------------------------------------------------------------------------
 
 
+async def wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def serve(settings: SidecarSettings) -> int:
     """Router + admin API + the upstream probe; on SIGTERM/SIGINT: unready, drain, exit 0."""
-    from deploy.runtime import wait_for_signal
     from router.admin import AdminApi, admin_token
     from router.server import Router
     from router.services import grant_all

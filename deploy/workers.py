@@ -20,10 +20,9 @@ from pathlib import Path
 
 import uvloop
 
-from deploy import logs
-from deploy.config import ConfigError, MlfeConfig, load_config
+from deploy.config import MlfeConfig
 from deploy.local_target import _die_with_parent
-from router.server import Router, check_supported
+from router.server import Router
 from router.slots import SlotMember
 
 log = logging.getLogger(__name__)
@@ -167,12 +166,9 @@ async def _worker(cfg: MlfeConfig, broker: str, member_id: str) -> int:
 
 
 def run_worker(config_path: str, broker: str, member_id: str, log_level: str = "INFO") -> int:
-    logs.configure(log_level)
-    try:
-        cfg = load_config(config_path)
-        check_supported(cfg)
-    except ConfigError as e:
-        print(f"mlfe worker: {e}", file=sys.stderr)
+    from deploy.startup import load_for_serving
+
+    cfg = load_for_serving(config_path, log_level, "mlfe worker")
+    if cfg is None:
         return 2
-    logs.configure(log_level, cfg.router.log_format)
     return uvloop.run(_worker(cfg, broker, member_id))

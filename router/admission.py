@@ -150,15 +150,11 @@ class ServicePool:
         if not replica.in_rotation or replica.in_flight >= replica.cap:
             return None  # (a lowered cap: this slot is not ours to reuse)
         self._free += 1
-        while self.queued:
-            waiter = self._waiters.popleft()
-            if waiter.done:
-                continue
-            waiter.done = True
-            self.queued -= 1
-            self._take(replica)
-            return waiter, replica
-        return None
+        waiter = self._next_waiter()
+        if waiter is None:
+            return None
+        self._take(replica)
+        return waiter, replica
 
     def cancel(self, waiter: Waiter) -> None:
         """The waiting client went away: it leaves the queue now (lazily removed from the deque)."""
@@ -205,14 +201,21 @@ class ServicePool:
             replica = self._pick()
             if replica is None:
                 break
-            waiter = self._waiters.popleft()
-            if waiter.done:
-                continue
-            waiter.done = True
-            self.queued -= 1
+            waiter = self._next_waiter()
+            assert waiter is not None  # queued > 0
             self._take(replica)
             handoffs.append((waiter, replica))
         return handoffs
+
+    def _next_waiter(self) -> Waiter | None:
+        """Take the oldest live waiter off the queue."""
+        while self.queued:
+            waiter = self._waiters.popleft()
+            if not waiter.done:
+                waiter.done = True
+                self.queued -= 1
+                return waiter
+        return None
 
     def _pick(self) -> Replica | None:
         """Least loaded of two random choices among replicas with a free slot; a full scan
