@@ -16,7 +16,9 @@ Paths are interleaved (A B C A B C) at each concurrency in every round; the tabl
 Proxy CPU is utime + stime from /proc before and after each run: nginx's worker, mlfe's serve
 process. Tables go to stdout, progress to stderr, every raw run to
 benchmarks/results/overhead-<timestamp>.json. Exit status 1 if any run had errors (non-2xx
-responses or socket errors): such a run is flagged and left out of the medians.
+responses or socket errors): such a run is flagged and left out of the medians. On a shared
+machine, a run that other processes disturbed is measured again (`--max-others-load`,
+`--retries`, `--quiet-wait`); see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -218,11 +220,13 @@ def start_upstream(
     raise ValueError(kind)
 
 
-def mlfe_config(tmp: Path, listen_port: int, upstream_port: int) -> dict[str, Any]:
+def mlfe_config(
+    tmp: Path, listen_port: int, upstream_port: int, admin_port: int | None = None
+) -> dict[str, Any]:
     return {
         "router": {
             "listen": f"127.0.0.1:{listen_port}",
-            "admin_listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port() if admin_port is None else admin_port}",
             "state_dir": str(tmp / "mlfe-state"),
             # One router worker: no router self-scaling (what the target is stated for).
             "cluster_purpose": "DevTest",
@@ -623,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupt_on_signals()
     started = dt.datetime.now(dt.UTC)
     machine = machine_info({"nginx": [nginx, "-v"], "wrk": [wrk, "-v"]})
+    digest = sources_digest()  # before the runs: the code that was started
     body = lua_body()
     runs: list[Run] = []
     try:
@@ -652,9 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "request": {"method": "POST", "path": SCORE_PATH, "body_bytes": len(body),
                     "content_type": "application/json", "auth": "Bearer <43-char key>"},
         "upstreams": UPSTREAM_KINDS,
-        "mlfe_config": {**mlfe_config(Path("<tmp>"), 0, 0),
+        "mlfe_config": {**mlfe_config(Path("<tmp>"), 0, 0, 0),
                         "note": "ports are chosen per run; primary_key is the fixed KEY"},
-        "mlfe_sources_sha256": sources_digest(),
+        "mlfe_sources_sha256": digest,
         "summary": [r.to_json() for r in rows],
         "runs": [r.to_json() for r in runs],
     })

@@ -45,6 +45,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def is_local(cfg: ServiceConfig) -> bool:
+    """Services whose replicas this target runs as child processes."""
+    return cfg.entry_script is not None or cfg.synthetic is not None
+
+
 class State(Enum):
     STARTING = "starting"
     READY = "ready"
@@ -78,7 +83,7 @@ class LocalTarget:
     def configure(self, services: dict[str, Service], configs: dict[str, ServiceConfig]) -> None:
         """Track the `entry_script` services of a (re)loaded config."""
         self._services = services
-        local = {n: c for n, c in configs.items() if c.entry_script is not None}
+        local = {n: c for n, c in configs.items() if is_local(c)}
         for name in list(self._configs):
             if name not in local:
                 self._desired[name] = 0
@@ -90,9 +95,12 @@ class LocalTarget:
                 self._desired[name] = cfg.num_replicas or cfg.autoscale_min_replicas
             self._reconcile(name)
 
-    def entry_script(self, cfg: ServiceConfig) -> Path:
+    def model_args(self, cfg: ServiceConfig) -> list[str]:
+        """What `mlfe score-server` runs: the entry script, or the synthetic model."""
+        if cfg.synthetic is not None:
+            return ["--synthetic", cfg.synthetic.to_arg()]
         assert cfg.entry_script is not None
-        return self._base_dir / cfg.entry_script  # an absolute path stays as it is
+        return ["--entry-script", str(self._base_dir / cfg.entry_script)]  # absolute stays
 
     # ---- Actuator ---------------------------------------------------------------------------
 
@@ -178,8 +186,8 @@ class LocalTarget:
         if cfg.model_dir is not None:
             env["AZUREML_MODEL_DIR"] = str(self._base_dir / cfg.model_dir)  # absolute stays
         rep.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "deploy.cli", "score-server",
-            "--entry-script", str(self.entry_script(cfg)), "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", "deploy.cli", "score-server", *self.model_args(cfg),
+            "--host", "127.0.0.1", "--port", "0",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
             start_new_session=True, preexec_fn=_die_with_parent,
         )

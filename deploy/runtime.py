@@ -24,7 +24,7 @@ from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_scaler import DeltaProbe, RouterScaler, RouterScalingSpec
 from deploy.cluster import Cluster, uses_kubernetes
 from deploy.config import ConfigError, MlfeConfig, ServiceConfig
-from deploy.local_target import LocalTarget
+from deploy.local_target import LocalTarget, is_local
 from deploy.startup import load_for_serving
 from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
 from router.admin import AdminApi, admin_token
@@ -166,7 +166,7 @@ class Runtime:
         await self.admin.start(*self.cfg.router.admin_addr)
         self.target.configure(self.router.services, self.cfg.services)
         self.autoscaler.set_services(
-            {n: scaling_spec(c) for n, c in self.cfg.services.items() if c.entry_script}
+            {n: scaling_spec(c) for n, c in self.cfg.services.items() if is_local(c)}
         )
         self.autoscaler.start()
 

@@ -466,12 +466,10 @@ def run_sidecar(log_level: str = "INFO", environ: Mapping[str, str] | None = Non
 
     from deploy import logs
     from deploy.config import ConfigError
-    from router.server import check_supported
 
     logs.configure(log_level)
     try:
         settings = settings_from_env(os.environ if environ is None else environ)
-        check_supported(settings.config)
     except (SidecarConfigError, ConfigError) as e:
         print(f"mlfe sidecar: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from deploy import logs
 from deploy.config import ConfigError, MlfeConfig, load_config
-from router.server import check_supported
 
 
 def load_for_serving(config_path: str | Path, log_level: str, prog: str = "mlfe"
@@ -17,7 +16,6 @@ def load_for_serving(config_path: str | Path, log_level: str, prog: str = "mlfe"
     logs.configure(log_level)
     try:
         cfg = load_config(config_path)
-        check_supported(cfg)
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return None

@@ -47,18 +47,6 @@ def limits_from(cfg: MlfeConfig) -> Limits:
     )
 
 
-def check_supported(cfg: MlfeConfig) -> None:
-    """Refuse, by name, what this build of the router cannot serve yet."""
-    problems = []
-    for name, svc in cfg.services.items():
-        if svc.synthetic is not None:
-            problems.append(
-                f"services.{name}: synthetic replicas are not supported by the router yet"
-            )
-    if problems:
-        raise ConfigError("unsupported configuration:\n  " + "\n  ".join(problems))
-
-
 class ConnectionSet(set[HttpServerProtocol]):
     """The open client connections, with a way to wait until there are none."""
 
@@ -101,7 +89,6 @@ class Router:
         reuse_port: bool = False,
     ) -> None:
         cfg = with_persisted_endpoints(cfg)
-        check_supported(cfg)
         self.cfg = cfg
         self._loop = loop
         self.collector = DataCollector(cfg.router.data_dir or cfg.router.state_dir / "modeldata")
@@ -186,7 +173,6 @@ class Router:
     def apply(self, cfg: MlfeConfig) -> None:
         """Make the live services and endpoints match `cfg`; the routing table is swapped in
         one step, so no request sees half a change."""
-        check_supported(cfg)
         services = dict(self.services)
         for name in list(services):
             if name not in cfg.services:

@@ -31,8 +31,10 @@ _DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 
-# Idle connections a replica keeps beyond those in use; more are closed when returned.
-MAX_IDLE_PER_REPLICA = 64
+# Idle connections kept per replica. The pool only grows to the concurrency actually used (at
+# most the replica's cap), so this bound is for safety; a low one makes a router that sends
+# more than it at once close and reopen connections on every request.
+MAX_IDLE_PER_REPLICA = 4096
 
 
 class UpstreamFailure(Enum):

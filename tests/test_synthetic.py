@@ -33,7 +33,7 @@ from deploy.synthetic import (
     parse_spec,
     response_body,
 )
-from tests.support import EXAMPLES, REPO, Proc, free_port, post_many, spawn, start_router
+from tests.support import EXAMPLES, REPO, Proc, free_port, post_many, spawn
 
 RUN_FAILED = "An unexpected error occurred in scoring script. Check the logs for more info."
 
@@ -310,16 +310,6 @@ def test_bad_spec_on_the_command_line_exits_2(tmp_path: Path) -> None:
 # ---- a load test: examples/locustfile.py, tiny ------------------------------------------------------
 
 
-def synthetic_services_supported() -> bool:
-    from router.server import check_supported
-
-    try:
-        check_supported(parse_config({"services": {"probe": {"synthetic": {}}}}))
-    except ConfigError:
-        return False
-    return True
-
-
 def locust_json(stdout: str) -> list[dict[str, Any]]:
     start = stdout.index("[")
     stats: list[dict[str, Any]] = json.loads(stdout[start:stdout.rindex("]") + 1])
@@ -346,28 +336,9 @@ def _start_up_loadtest(tmp: Path, procs: list[Proc]) -> tuple[str, str]:
     return uri.group(1), key.group(1)
 
 
-def _start_serve_in_front_of_synthetic(tmp: Path, procs: list[Proc]) -> tuple[str, str]:
-    """Until `mlfe up` runs synthetic services: `mlfe serve` with a static upstream, a
-    `mlfe score-server --synthetic` with examples/loadtest.yaml's SPEC (no cold start)."""
-    cfg = yaml.safe_load((EXAMPLES / "loadtest.yaml").read_text())
-    spec = SyntheticSpec.model_validate(cfg["services"]["loadtest"]["synthetic"])
-    replica = start_synthetic(tmp, spec.model_copy(update={"init_ms": 0}).to_arg(), procs)
-    key = "loadtest-key-" + "k" * 32
-    router = start_router(tmp, {"services": {"loadtest": {
-        "upstreams": [f"127.0.0.1:{replica.port}"], "primary_key": key,
-        "max_request_wait_time": 500}}})
-    procs.append(router)
-    return f"{router.url}/api/v1/service/loadtest/score", key
-
-
 def test_locustfile_tiny_run(tmp_path: Path, procs: list[Proc]) -> None:
-    locust = Path(sys.executable).with_name("locust")
-    if not locust.exists():
-        pytest.skip("locust is not installed next to this Python (pip install -e '.[dev]')")
-    if synthetic_services_supported():
-        uri, key = _start_up_loadtest(tmp_path, procs)
-    else:
-        uri, key = _start_serve_in_front_of_synthetic(tmp_path, procs)
+    locust = Path(sys.executable).with_name("locust")  # the dev extra installs it
+    uri, key = _start_up_loadtest(tmp_path, procs)
     result = subprocess.run(
         [str(locust), "-f", str(EXAMPLES / "locustfile.py"), "--headless", "-u", "5", "-r", "5",
          "-t", "3s", "--stop-timeout", "5", "--only-summary", "--json", "--skip-log",

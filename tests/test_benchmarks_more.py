@@ -1,0 +1,120 @@
+"""The workers, autoscale and overload benchmarks run end to end in their --quick modes (seconds
+each): real nginx, wrk, `mlfe serve` / `mlfe up` and `mlfe score-server` on loopback.
+
+Each prints markdown tables; these tests read the rows they must have and check the numbers are
+there and sane. nginx and wrk are installed by CI (`apt-get install nginx-light wrk`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.autoscale import direction_changes
+from benchmarks.common import percentile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_quick(module: str, results: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--results-dir", str(results)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """First cell -> the row's cells, for every markdown table row printed."""
+    rows: dict[str, list[str]] = {}
+    for line in stdout.splitlines():
+        if not line.startswith("|") or set(line) <= set("|-: "):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_direction_changes_counts_reversals_only() -> None:
+    assert direction_changes([1, 1, 4, 4, 4, 3, 3, 1, 4]) == (2, 2, 2)
+    assert direction_changes([1, 2, 3, 4]) == (0, 3, 0)
+    assert direction_changes([]) == (0, 0, 0)
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([], 50) is None
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile(range(101), 99) == pytest.approx(99.0)
+
+
+def test_workers_quick(tmp_path: Path) -> None:
+    out = run_quick("workers", tmp_path)
+    rows = table_rows(out)
+    for name, procs in (("1 worker", 1), ("1 worker + broker", 1), ("2 workers", 3)):
+        assert name in rows, out
+        cells = rows[name]
+        assert number(cells[1]) == procs, out  # supervisor + 2 workers
+        assert number(cells[2]) > 0, out  # req/s
+        assert number(cells[4]) > 0, out  # x 1 worker
+        assert number(cells[7]) > 0, out  # router CPU µs/req
+        assert cells[-1] == "-", out  # no errors
+    assert number(rows["1 worker"][4]) == 1.0
+    assert "Coordination cost" in out
+    data = json.loads(next(tmp_path.glob("workers-*.json")).read_text())
+    assert all(r["valid"] for r in data["runs"])
+    assert {r["config"] for r in data["runs"]} >= {"1 worker", "1 worker + broker", "2 workers"}
+
+
+def test_autoscale_quick(tmp_path: Path) -> None:
+    out = run_quick("autoscale", tmp_path)
+    rows = table_rows(out)
+    decision = number(rows["step -> scale decision (desired rises)"][1])
+    assert 0 <= decision <= 2.5, out  # the next tick of a 1 s refresh (plus a sample)
+    assert number(rows["desired at its highest in the step"][1]) >= 3, out
+    assert number(rows["step -> first added replica serving (ready rises)"][1]) >= decision, out
+    assert 0 <= number(rows["503 share in the step"][1]) <= 100, out
+    # A 2 s scale-down window in --quick: down to the minimum well inside the 5 s drop.
+    assert 0 < number(rows["drop -> desired at the minimum (1)"][1]) <= 5, out
+    assert number(rows["square wave: direction changes of desired"][1]) >= 0, out
+    assert number(rows["requests neither 200 nor 503"][1]) == 0, out
+    for phase in ("idle", "step", "drop", "square"):
+        assert phase in rows, out
+    assert number(rows["step"][2]) > 0 and number(rows["step"][3]) > 0, out  # offered, served
+    assert len(list(tmp_path.glob("autoscale-*.png"))) == 1
+    data = json.loads(next(tmp_path.glob("autoscale-*.json")).read_text())
+    assert len(data["samples"]) > 50  # every 100 ms
+    assert {"replicas", "desired", "current", "busy", "queued"} <= set(data["samples"][0])
+
+
+def test_overload_quick(tmp_path: Path) -> None:
+    out = run_quick("overload", tmp_path)
+    rows = table_rows(out)
+    for name in ("deadline", "queue-full"):
+        cells = rows[name]
+        ok, refused, other = number(cells[5]), number(cells[6]), number(cells[7])
+        assert ok > 20 and refused > 20, out  # 2x capacity: about half each
+        assert other == 0, out
+        assert number(cells[14]) == 100, out  # every 503 carries Retry-After
+        rss = [float(x) for x in cells[15].split("/")]
+        assert all(x > 0 for x in rss), out
+    deadline, full = rows["deadline"], rows["queue-full"]
+    # Refused at the queue deadline (max_request_wait_time 500 ms) ...
+    assert 450 <= number(deadline[8]) <= 800, out
+    # ... or at once with a full queue, which never grows past its limit.
+    assert number(full[8]) < 100, out
+    assert number(full[13]) <= number(full[1]), out
+    assert "Verdicts:" in out
