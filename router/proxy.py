@@ -243,23 +243,9 @@ class ScoringHandler:
         total_s: float,
         error: str | None,
     ) -> None:
-        self.access_log.write({
-            "time": self.access_log.now(),
-            "requestId": rid,
-            "clientRequestId": None if client_id is None else client_id.decode(),
-            "service": service,
-            "version": version or None,
-            "replica": replica,
-            "method": ex.method.decode("latin-1"),
-            "status": status,
-            "bytesIn": ex.body_bytes,
-            "bytesOut": ex.bytes_out,
-            "authMs": round(auth_s * 1000, 3),
-            "queueMs": round(queue_s * 1000, 3),
-            "upstreamMs": round(upstream_s * 1000, 3),
-            "totalMs": round(total_s * 1000, 3),
-            "error": error,
-        })
+        self.access_log.request(rid, client_id, service, version, replica, ex.method, status,
+                                ex.body_bytes, ex.bytes_out, auth_s, queue_s, upstream_s,
+                                total_s, error)
 
     def _health(self, ex: Exchange, kind: RouteKind) -> None:
         if ex.method not in (b"GET", b"HEAD"):
