@@ -106,12 +106,20 @@ class Settings:
                 "retries": self.retries, "quiet_wait_s": self.quiet_wait_s}
 
 
+CONFIGS = {
+    "1": Config("1 worker", 1, False),
+    "1+broker": Config("1 worker + broker", 1, True),
+    "2": Config("2 workers", 2, False),
+    "auto": Config("auto workers", "auto", False),
+}
+
+
 def configs_for_machine() -> tuple[Config, ...]:
-    configs = [Config("1 worker", 1, False), Config("1 worker + broker", 1, True),
-               Config("2 workers", 2, False)]
+    """1, 1+broker, 2, and auto if that is more than 2 here."""
+    keys = ["1", "1+broker", "2"]
     if len(os.sched_getaffinity(0)) > 2:
-        configs.append(Config("auto workers", "auto", False))
-    return tuple(configs)
+        keys.append("auto")
+    return tuple(CONFIGS[k] for k in keys)
 
 
 def log(msg: str) -> None:
@@ -365,7 +373,7 @@ def report(rows: Sequence[Row], s: Settings, machine: dict[str, Any]) -> str:
         lines.append(f"2 workers: x {two.x_one:.2f} the throughput of 1 worker "
                      f"(wrk used {fmt_num(two.wrk_cores, 2)} of the "
                      f"{machine['nproc']} cores meanwhile).")
-    if not any(c.workers == "auto" for c in s.configs):
+    if machine["nproc"] <= 2 and not any(c.workers == "auto" for c in s.configs):
         lines.append(f"`workers: auto` = {machine['nproc']} here: the same as the "
                      f"{machine['nproc']}-worker row, not run separately.")
     return "\n".join(lines)
@@ -378,6 +386,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up seconds per config (1)")
     p.add_argument("--concurrency", type=int, default=64, help="wrk connections (default 64)")
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated, in the order each round runs them, of "
+                        f"{', '.join(CONFIGS)} (default: 1,1+broker,2 and auto if > 2 cores)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--max-others-load", type=float, default=0.25, metavar="CORES",
                    help="a run during which other processes used more CPU than this (in cores) "
@@ -394,11 +405,18 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         p.error("--rounds, --duration and --concurrency must be at least 1")
     if min(a.retries, a.max_others_load, a.quiet_wait) < 0:
         p.error("--retries, --max-others-load and --quiet-wait must not be negative")
+    configs = configs_for_machine()
+    if a.configs:
+        keys = [k.strip() for k in a.configs.split(",")]
+        unknown = [k for k in keys if k not in CONFIGS]
+        if unknown or len(set(keys)) != len(keys):
+            p.error(f"--configs: expected distinct names of {', '.join(CONFIGS)}")
+        configs = tuple(CONFIGS[k] for k in keys)
     if a.quick:
-        return Settings(1, 1, 0, a.concurrency, configs_for_machine(), a.results_dir, True,
+        return Settings(1, 1, 0, a.concurrency, configs, a.results_dir, True,
                         a.max_others_load, 0, 0.0)
-    return Settings(a.rounds, a.duration, a.warmup, a.concurrency, configs_for_machine(),
-                    a.results_dir, False, a.max_others_load, a.retries, a.quiet_wait)
+    return Settings(a.rounds, a.duration, a.warmup, a.concurrency, configs, a.results_dir,
+                    False, a.max_others_load, a.retries, a.quiet_wait)
 
 
 def bench(s: Settings, nginx: str, wrk: str, tmp: Path) -> list[Run]:

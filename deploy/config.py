@@ -24,6 +24,8 @@ from deploy.synthetic import SyntheticSpec
 
 # azureml service names: 3-32 chars, lowercase letters, digits and '-', starting with a letter.
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]")
 MAX_VERSIONS_PER_ENDPOINT = 6
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -39,6 +41,8 @@ def parse_hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if not _HOST_RE.fullmatch(host):
+        raise ValueError(f"not a host name or IP address: {host!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
@@ -341,6 +345,11 @@ class MlfeConfig(_Model):
             if ep_name in self.services:
                 raise ValueError(f"endpoints.{ep_name}: the name is already a service")
             for v_name, v in ep.versions.items():
+                if not VERSION_RE.match(v_name):
+                    raise ValueError(
+                        f"endpoints.{ep_name}.versions.{v_name!r}: a version name is 1-63 "
+                        "letters, digits, '.', '_' and '-', starting with a letter or digit"
+                    )
                 if v_name == ep_name:
                     raise ValueError(
                         f"endpoints.{ep_name}.versions.{v_name}: "

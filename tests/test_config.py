@@ -92,6 +92,8 @@ def test_endpoint_rules() -> None:
     assert "unknown service 'red'" in refused(ep(v1={"service": "red"}))
     assert "at most 6 versions" in refused(ep(**{f"v{i}": {"service": "blue"} for i in range(7)}))
     assert "must differ from its endpoint" in refused(ep(myep={"service": "blue"}))
+    assert "a version name is" in refused(ep(**{'v"1': {"service": "blue"}}))
+    assert "not a host name" in refused({"services": {"svc": {"upstreams": ['a"b:1']}}})
 
 
 def test_load_config_reports_file_problems(tmp_path: Path) -> None:
