@@ -285,10 +285,11 @@ def describe_phases(phases: Sequence[Phase]) -> str:
 @dataclass
 class Window:
     t: float  # window start, s since the load's start
-    offered: float  # req/s scheduled in the window
-    served: float  # 200s answered in the window, per s
-    refused: int  # 503s answered in the window
-    p99_ms: float | None  # over answers in the trailing P99_WINDOW_S
+    offered: float  # req/s scheduled in the trailing second (P99_WINDOW_S)
+    served: float  # 200s answered in the trailing second, per s
+    refused_rate: float  # 503s answered in the trailing second, per s
+    refused: int  # 503s answered in this 100 ms window
+    p99_ms: float | None  # over answers in the trailing second
     ready: int | None
     desired: int | None
     current: int | None
@@ -323,12 +324,15 @@ def series(records: Sequence[LoadRecord], samples: Sequence[Sample], end: float)
         while si < len(samples) and samples[si][0] < t + SAMPLE_S:
             last = samples[si][1]
             si += 1
-        trailing = [x for k in range(max(0, i - per_window + 1), i + 1) for x in done[k]]
+        span = range(max(0, i - per_window + 1), i + 1)
+        trailing = [x for k in span for x in done[k]]
         p99 = percentile(trailing, 99)
+        seconds = len(span) * SAMPLE_S
         out.append(Window(
             t=t,
-            offered=offered[i] / SAMPLE_S,
-            served=served[i] / SAMPLE_S,
+            offered=sum(offered[k] for k in span) / seconds,
+            served=sum(served[k] for k in span) / seconds,
+            refused_rate=sum(refused[k] for k in span) / seconds,
             refused=refused[i],
             p99_ms=p99 * 1e3 if p99 is not None else None,
             ready=last.get("replicas"),
@@ -452,6 +456,9 @@ def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Samp
     reversals, ups, downs = direction_changes(wave)
     ready_reversals, _, _ = direction_changes(wave_ready)
     answered = [r for r in records if r[2] > 0]
+    settled = step.start + (needed_ready if needed_ready is not None else step.end - step.start)
+    settled_ms = [r[1] * 1e3 for r in records
+                  if r[2] == 200 and settled <= r[0] < step.end]
     total_refused = sum(1 for r in records if r[2] == 503)
     square_stats = next(p for p in stats if p.name == "square")
     metrics: list[tuple[str, float | None, str]] = [
@@ -464,6 +471,8 @@ def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Samp
         ("last 503 of the step, after the step", step_refusals[-1] if step_refusals else 0.0,
          "s"),
         ("p99 latency of 200s in the step", step_stats.p99_ms, "ms"),
+        (f"p99 latency of 200s in the step, once {s.replicas_needed} replicas served",
+         percentile(settled_ms, 99), "ms"),
         ("drop -> desired falls", down_first, "s"),
         ("drop -> desired at the minimum (1)", down_min, "s"),
         ("drop -> ready replicas at the minimum (1)", ready_min, "s"),
@@ -526,17 +535,18 @@ def plot(windows: Sequence[Window], phases: Sequence[Phase], s: Settings, path: 
     t = [w.t for w in windows]
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=(12, 9))
     ax = axes[0]
-    ax.plot(t, [w.offered for w in windows], label="offered req/s", lw=0.8, color="tab:gray")
-    ax.plot(t, [w.served for w in windows], label="served (200) req/s", lw=0.8,
+    ax.plot(t, [w.offered for w in windows], label="offered req/s", lw=1.5, color="tab:gray")
+    ax.plot(t, [w.served for w in windows], label="served (200) req/s", lw=0.9,
             color="tab:green")
-    ax.plot(t, [w.refused / SAMPLE_S for w in windows], label="503/s", lw=0.8, color="tab:red")
-    ax.set_ylabel("req/s (100 ms windows)")
+    ax.plot(t, [w.refused_rate for w in windows], label="503/s", lw=0.9, color="tab:red")
+    ax.set_ylabel(f"req/s (trailing {P99_WINDOW_S:g} s)")
     ax.legend(loc="upper right", fontsize=8)
     ax = axes[1]
-    for name, color in (("ready", "tab:green"), ("desired", "tab:blue"),
-                        ("current", "tab:purple")):
+    for name, color, width, style in (("ready", "tab:green", 2.5, "-"),
+                                      ("desired", "tab:blue", 1.2, "--"),
+                                      ("current", "tab:purple", 1.0, ":")):
         ax.step(t, [getattr(w, name) for w in windows], where="post", label=f"replicas {name}",
-                color=color, lw=1.2)
+                color=color, lw=width, ls=style)
     ax.plot(t, [w.busy for w in windows], label="busy", lw=0.7, color="tab:orange")
     ax.plot(t, [w.queued for w in windows], label="queued", lw=0.7, color="tab:red")
     ax.set_ylabel("replicas / requests")

@@ -825,12 +825,16 @@ async def open_loop_load(
     timeout_s: float = 30.0,
     t0: float | None = None,
     host: str = "127.0.0.1",
+    idle_close_s: float = 30.0,
 ) -> int:
     """Open-loop load: POST `path` at the offered rate `rate_at(t)` (requests/s, t in seconds
     since `t0`, default now) for `duration_s`, each request started on its schedule whether or
     not earlier ones have been answered (evenly spaced at the current rate, not closed-loop).
     Keep-alive connections are reused from a free list; a new one is opened when none is idle,
-    up to `max_connections`. Each answer (or failure) is appended to `records` as it happens,
+    up to `max_connections`; one idle for `idle_close_s` is closed rather than reused (servers
+    close idle keep-alive connections, mlfe and nginx after 75 s), and a request whose reused
+    connection turns out closed before any answer is sent once more on a new one, as HTTP
+    clients do. Each answer (or failure) is appended to `records` as it happens,
     so a caller can read them while the load runs. Returns how many requests were scheduled.
     Waits for outstanding answers (at most `timeout_s`) before returning."""
     import asyncio
@@ -840,43 +844,74 @@ async def open_loop_load(
     request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
                + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # + since when
     open_conns = 0
     tasks: set[asyncio.Task[None]] = set()
 
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        nonlocal open_conns
+        if open_conns >= max_connections:
+            return None
+        open_conns += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError):
+            open_conns -= 1
+            raise
+
+    def take_idle() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        nonlocal open_conns
+        now = loop.time()
+        while idle:
+            reader, writer, since = idle.pop()
+            if now - since < idle_close_s:
+                return reader, writer
+            writer.close()  # idle for long: the server may be closing it right now
+            open_conns -= 1
+        return None
+
     async def one(scheduled: float) -> None:
         nonlocal open_conns
-        conn = idle.pop() if idle else None
-        if conn is None:
-            if open_conns >= max_connections:
-                records.append((scheduled, 0.0, -1, False))
-                return
-            open_conns += 1
+        conn = take_idle()
+        reused = conn is not None
+        while True:
+            if conn is None:
+                try:
+                    conn = await connect()
+                except (OSError, TimeoutError):
+                    records.append((scheduled, loop.time() - start - scheduled, 0, False))
+                    return
+                if conn is None:
+                    records.append((scheduled, 0.0, -1, False))
+                    return
+            reader, writer = conn
             try:
+                writer.write(request)
                 async with asyncio.timeout(timeout_s):
-                    conn = await asyncio.open_connection(host, port)
-            except (OSError, TimeoutError):
+                    status, hdrs, _ = await _read_response(reader)
+                break
+            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError) as e:
+                writer.close()
                 open_conns -= 1
+                # A kept-alive connection the server closed before reading our request (its
+                # idle timeout): what HTTP clients do, send it once more on a new connection.
+                stale = reused and (
+                    isinstance(e, ConnectionResetError | BrokenPipeError)
+                    or (isinstance(e, asyncio.IncompleteReadError) and not e.partial))
+                if stale:
+                    conn, reused = None, False
+                    continue
                 records.append((scheduled, loop.time() - start - scheduled, 0, False))
                 return
-        reader, writer = conn
-        try:
-            writer.write(request)
-            async with asyncio.timeout(timeout_s):
-                status, hdrs, _ = await _read_response(reader)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError):
-            writer.close()
-            open_conns -= 1
-            records.append((scheduled, loop.time() - start - scheduled, 0, False))
-            return
         records.append((scheduled, loop.time() - start - scheduled, status,
                         "retry-after" in hdrs))
         if hdrs.get("connection", "").lower() == "close":
             writer.close()
             open_conns -= 1
         else:
-            idle.append(conn)
+            idle.append((reader, writer, loop.time()))
 
     scheduled = 0
     t = 0.0
@@ -899,6 +934,6 @@ async def open_loop_load(
         await asyncio.sleep(rest)
     if tasks:
         await asyncio.wait(set(tasks), timeout=timeout_s)
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     return scheduled

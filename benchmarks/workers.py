@@ -203,6 +203,7 @@ class Run:
     round: int
     result: WrkResult
     router_cpu_s: float
+    supervisor_cpu_s: float  # the `mlfe serve` process alone (the only one with 1 worker)
     router_processes: int
     wrk_cpu_s: float
     upstream_cpu_s: float
@@ -222,7 +223,8 @@ class Run:
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "round": self.round, **self.result.to_json(),
-                "router_cpu_s": self.router_cpu_s, "router_processes": self.router_processes,
+                "router_cpu_s": self.router_cpu_s, "supervisor_cpu_s": self.supervisor_cpu_s,
+                "router_processes": self.router_processes,
                 "router_cpu_us_per_req": self.cpu_us_per_req, "wrk_cpu_s": self.wrk_cpu_s,
                 "upstream_cpu_s": self.upstream_cpu_s, "machine_busy_s": self.machine_busy_s,
                 "others_cpu_s": self.others_cpu_s, "others_load_cores": self.others_load,
@@ -265,11 +267,13 @@ def measure(wrk: str, t: Target, s: Settings, round_no: int, upstream_pids: list
     busy0, _ = machine_busy()
     wrk0 = reaped_children_cpu_s()
     cpu0 = cpu_seconds_alive(pids)
+    sup0 = cpu_seconds_alive([t.child.pid])
     up0 = cpu_seconds_alive(upstream_pids)
     result, _ = run_wrk(wrk, f"http://127.0.0.1:{t.port}{SCORE_PATH}",
                         connections=s.concurrency, threads=THREADS, duration_s=s.duration_s,
                         headers=[AUTH_HEADER])
     cpu = cpu_seconds_alive(pids) - cpu0
+    sup = cpu_seconds_alive([t.child.pid]) - sup0
     up = cpu_seconds_alive(upstream_pids) - up0
     wrk_cpu = reaped_children_cpu_s() - wrk0
     busy1, _ = machine_busy()
@@ -277,7 +281,7 @@ def measure(wrk: str, t: Target, s: Settings, round_no: int, upstream_pids: list
     if sorted(t.router_pids()) != sorted(pids):
         raise BenchmarkError(f"{t.config.name}: router processes changed during the run "
                              f"({pids} -> {t.router_pids()})\n{t.child.describe()}")
-    return Run(t.config.name, round_no, result, cpu, len(pids), wrk_cpu, up, busy,
+    return Run(t.config.name, round_no, result, cpu, sup, len(pids), wrk_cpu, up, busy,
                max(busy - cpu - up - wrk_cpu, 0.0))
 
 
@@ -293,6 +297,7 @@ class Row:
     p50_ms: float | None
     p99_ms: float | None
     cpu_us_per_req: float | None
+    supervisor_us_per_req: float | None
     router_cores: float | None
     wrk_cores: float | None
     upstream_cores: float | None
@@ -321,6 +326,8 @@ def summarise(runs: Sequence[Run], s: Settings) -> list[Row]:
             p50_ms=median(r.result.percentiles_ms["50"] for r in ok),
             p99_ms=median(r.result.percentiles_ms["99"] for r in ok),
             cpu_us_per_req=median(r.cpu_us_per_req for r in ok if r.cpu_us_per_req is not None),
+            supervisor_us_per_req=median(r.supervisor_cpu_s * 1e6 / r.result.requests
+                                         for r in ok if r.result.requests),
             router_cores=median(r.router_cpu_s / d for r, d in zip(ok, dur, strict=True)),
             wrk_cores=median(r.wrk_cpu_s / d for r, d in zip(ok, dur, strict=True)),
             upstream_cores=median(r.upstream_cpu_s / d for r, d in zip(ok, dur, strict=True)),
@@ -334,8 +341,8 @@ def summarise(runs: Sequence[Run], s: Settings) -> list[Row]:
 
 
 HEADERS = ("config", "router processes", "req/s", "req/s min-max", "x 1 worker", "p50 ms",
-           "p99 ms", "router CPU µs/req", "router cores", "wrk cores", "upstream cores",
-           "others' cores", "errors")
+           "p99 ms", "router CPU µs/req", "of which supervisor", "router cores", "wrk cores",
+           "upstream cores", "others' cores", "errors")
 
 
 def report(rows: Sequence[Row], s: Settings, machine: dict[str, Any]) -> str:
@@ -343,6 +350,7 @@ def report(rows: Sequence[Row], s: Settings, machine: dict[str, Any]) -> str:
         [r.config, str(r.processes), fmt_num(r.rps) if r.rps is not None else "invalid",
          f"{fmt_num(r.rps_min)}-{fmt_num(r.rps_max)}", fmt_num(r.x_one, 2),
          fmt_num(r.p50_ms, 3), fmt_num(r.p99_ms, 3), fmt_num(r.cpu_us_per_req, 1),
+         fmt_num(r.supervisor_us_per_req, 1) if r.processes > 1 else "-",
          fmt_num(r.router_cores, 2), fmt_num(r.wrk_cores, 2), fmt_num(r.upstream_cores, 2),
          fmt_num(r.others_cores, 2),
          "-" if not r.invalid else f"INVALID: {'; '.join(r.invalid)}"]
@@ -359,8 +367,9 @@ def report(rows: Sequence[Row], s: Settings, machine: dict[str, Any]) -> str:
         markdown_table(HEADERS, cells, ["l", *["r"] * (len(HEADERS) - 2), "l"]),  # type: ignore[list-item]
         "",
         "router CPU: utime + stime of the router's process tree (supervisor + workers) per "
-        "request; cores: CPU seconds per second of the run (wrk's from getrusage; others': "
-        "the machine's busy time minus the router's, wrk's and the upstream's).",
+        "request (of which supervisor: the `mlfe serve` process alone); cores: CPU seconds "
+        "per second of the run (wrk's from getrusage; others': the machine's busy time minus "
+        "the router's, wrk's and the upstream's).",
     ]
     one, brk = by.get("1 worker"), by.get("1 worker + broker")
     if one and brk and one.cpu_us_per_req is not None and brk.cpu_us_per_req is not None:

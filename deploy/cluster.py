@@ -18,6 +18,7 @@ from autoscaler.loop import AutoscalerLoop, CountsSource
 from deploy.config import ConfigError, MlfeConfig
 
 if TYPE_CHECKING:
+    from autoscaler.router_scaler import DeploymentPods
     from deploy.kube import (
         EndpointWatcher,
         KubeApi,
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYNC_TIMEOUT_S = 10.0
+# The router's own Deployment in the Kubernetes target (not a valid service name).
+ROUTER_TARGET = "router:self"
 
 
 def uses_kubernetes(cfg: MlfeConfig) -> bool:
@@ -75,6 +78,9 @@ class Cluster:
         self.target = KubernetesTarget(self._router.services, self.api,
                                        may_scale=lambda: elector.is_leader)
         self.target.configure(self._router.services, self.cfg.services)
+        scaling = self.cfg.router.self_scaling
+        if scaling.max_pods > 1:
+            self.target.add_deployment(ROUTER_TARGET, self.api.namespace, scaling.deployment)
         self.peers = PeerCounts(self._local_counts, admin_token=self._admin_token,
                                 self_hosts=[pod_ip()])
         self._peer_watch = peer_watcher(self.api, self.peers)
@@ -86,6 +92,14 @@ class Cluster:
         self._lead = asyncio.get_running_loop().create_task(
             follow_leadership(self.elector, self._start_scaling, self._stop_scaling),
             name="leadership")
+
+    def router_pods(self) -> DeploymentPods:
+        """The router self-scaler's pod actuator: only the leader changes the count."""
+        from autoscaler.router_scaler import DeploymentPods
+
+        assert self.target is not None and self.elector is not None
+        elector = self.elector
+        return DeploymentPods(self.target, ROUTER_TARGET, may_scale=lambda: elector.is_leader)
 
     async def _start_scaling(self) -> None:
         from deploy.runtime import scaling_spec

@@ -111,6 +111,7 @@ class SelfScalingSettings(_Model):
 
     max_workers: PositiveInt | Literal["auto"] = 1  # "auto": the cores this process may use
     max_pods: PositiveInt = 1  # > 1: also scale the router's own Deployment (in a cluster)
+    deployment: str = "mlfe-router"  # the router's own Deployment, in the pod's namespace
     routing_time_up_ms: PositiveFloat = 2.0
     up_window_seconds: PositiveFloat = 10.0
     cpu_down_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.3

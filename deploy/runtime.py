@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,13 @@ import uvloop
 from autoscaler.clock import MonotonicClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
-from autoscaler.router_scaler import DeltaProbe, RouterScaler, RouterScalingSpec
+from autoscaler.router_scaler import (
+    DeltaProbe,
+    DeploymentPods,
+    RouterScaler,
+    RouterScalingSpec,
+    WorkerActuator,
+)
 from deploy.cluster import Cluster, uses_kubernetes
 from deploy.config import ConfigError, MlfeConfig, ServiceConfig
 from deploy.local_target import LocalTarget, is_local
@@ -71,6 +79,14 @@ class BrokerCounts:
                       replicas=self._router.services[service].pool.ready)
 
 
+class OneWorker:
+    """The worker actuator of a router that runs as one process (it scales by pods only)."""
+
+    async def set_workers(self, n: int) -> None:
+        if n != 1:
+            log.warning("router self-scaler asked for %d workers; this router runs one", n)
+
+
 class Runtime:
     """The composition root. Three shapes, by config:
     - one process: router, admin API, local replicas, autoscaler (the default);
@@ -94,7 +110,6 @@ class Runtime:
             assert config_path is not None
             self.broker = BrokerServer(coord.grace_seconds if coord else DEFAULT_GRACE_S)
             self.workers = WorkerPool(config_path, workers, broker_address(cfg))
-            self.self_scaler = self._self_scaler(self.workers, self.broker)
         elif coord is not None:
             if coord.listen is not None:
                 self.broker = BrokerServer(coord.grace_seconds)
@@ -114,25 +129,43 @@ class Runtime:
         if uses_kubernetes(cfg):
             self.cluster = Cluster(cfg, self.router, counts, admin_token(cfg.router.state_dir))
 
-    def _self_scaler(self, workers: WorkerPool, broker: BrokerServer) -> RouterScaler | None:
+    def _build_self_scaler(self, pods: DeploymentPods | None) -> RouterScaler | None:
+        """The router's self-scaler (off with cluster_purpose DevTest): worker processes when
+        this process supervises them, pods when it runs in a cluster with max_pods > 1."""
         s = self.cfg.router.self_scaling
-        max_workers = resolve_workers(s.max_workers)
-        if self.cfg.router.cluster_purpose == "DevTest" or max_workers <= 1:
+        if self.cfg.router.cluster_purpose == "DevTest":
+            return None
+        workers = self.workers
+        broker = self.broker
+        if workers is not None and broker is not None:
+            max_workers = max(resolve_workers(s.max_workers), workers.count)
+
+            def routing() -> tuple[float, int]:
+                hists = [broker.metrics(name).routing for name in self.router.services]
+                return sum(h.sum for h in hists), sum(h.count for h in hists)
+
+            cpu: Callable[[], float] = workers.cpu_seconds
+            count: Callable[[], int] = lambda: workers.count  # noqa: E731
+            actuator: WorkerActuator = workers
+        else:
+            max_workers = 1
+
+            def routing() -> tuple[float, int]:
+                hists = [svc.metrics.routing for svc in self.router.services.values()]
+                return sum(h.sum for h in hists), sum(h.count for h in hists)
+
+            cpu, count, actuator = time.process_time, (lambda: 1), OneWorker()
+        if max_workers <= 1 and pods is None:
             return None
         spec = RouterScalingSpec(
-            max_workers=max(max_workers, workers.count),
+            max_workers=max_workers, max_pods=s.max_pods if pods else 1,
             routing_time_up_s=s.routing_time_up_ms / 1000,
             up_window_s=s.up_window_seconds, cpu_down_threshold=s.cpu_down_threshold,
             down_window_s=s.down_window_seconds, cooldown_s=s.cooldown_seconds,
             period_s=s.period_seconds)
-
-        def routing() -> tuple[float, int]:
-            hists = [broker.metrics(name).routing for name in self.router.services]
-            return sum(h.sum for h in hists), sum(h.count for h in hists)
-
-        probe = DeltaProbe(routing=routing, cpu_seconds=workers.cpu_seconds,
-                           workers=lambda: workers.count)
-        return RouterScaler(spec=spec, probe=probe, workers=workers)
+        probe = DeltaProbe(routing=routing, cpu_seconds=cpu, workers=count,
+                           pods=pods.current if pods else (lambda: 1))
+        return RouterScaler(spec=spec, probe=probe, workers=actuator, pods=pods)
 
     def _scaling_status(self, name: str) -> dict[str, Any]:
         loop = self.autoscaler
@@ -157,12 +190,16 @@ class Runtime:
         if self.workers is not None and self.broker is not None:
             self._supervise_workers(self.broker)
             await self.workers.start()
-            if self.self_scaler is not None:
-                self.self_scaler.start()
         if self.member is not None:
             self._tasks.append(loop.create_task(self.member.run(), name="slot member"))
+        pods = None
         if self.cluster is not None:
             await self.cluster.start()
+            if self.cfg.router.self_scaling.max_pods > 1:
+                pods = self.cluster.router_pods()
+        self.self_scaler = self._build_self_scaler(pods)
+        if self.self_scaler is not None:
+            self.self_scaler.start()
         await self.admin.start(*self.cfg.router.admin_addr)
         self.target.configure(self.router.services, self.cfg.services)
         self.autoscaler.set_services(

@@ -7,6 +7,7 @@ there and sane. nginx and wrk are installed by CI (`apt-get install nginx-light 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -72,6 +73,7 @@ def test_workers_quick(tmp_path: Path) -> None:
         assert number(cells[4]) > 0, out  # x 1 worker
         assert number(cells[7]) > 0, out  # router CPU µs/req
         assert cells[-1] == "-", out  # no errors
+        assert (cells[8] == "-") == (procs == 1), out  # supervisor share: workers only
     assert number(rows["1 worker"][4]) == 1.0
     assert "Coordination cost" in out
     data = json.loads(next(tmp_path.glob("workers-*.json")).read_text())
@@ -118,3 +120,44 @@ def test_overload_quick(tmp_path: Path) -> None:
     assert number(full[8]) < 100, out
     assert number(full[13]) <= number(full[1]), out
     assert "Verdicts:" in out
+
+
+async def test_open_loop_load_keeps_its_schedule_and_survives_closed_keepalive() -> None:
+    """An open-loop run against a server that closes idle keep-alive connections after 0.3 s:
+    every request is answered (a stale connection is retried on a new one), on schedule."""
+    import asyncio
+
+    from benchmarks.common import LoadRecord, open_loop_load
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                async with asyncio.timeout(0.3):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    records: list[LoadRecord] = []
+    try:
+        scheduled = await open_loop_load(
+            port, "/score", rate_at=lambda t: 50.0 if t < 0.2 or t >= 0.8 else 0.0,
+            duration_s=1.0, records=records, timeout_s=5.0, idle_close_s=60.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert scheduled == len(records)
+    assert 19 <= scheduled <= 22  # 50 req/s for 2 x 0.2 s
+    assert [r[2] for r in records] == [200] * scheduled
+    assert max(r[1] for r in records) < 0.5
+    starts = sorted(r[0] for r in records)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert starts[0] == 0.0
+    assert sorted(gaps)[-1] > 0.55  # the pause, long enough for the server to close them
+    assert all(abs(g - 0.02) < 1e-6 for g in sorted(gaps)[:-1])  # on schedule, 20 ms apart

@@ -79,3 +79,53 @@ async def test_serve_follows_endpoint_slices_and_scales_through_the_subresource(
             router.signal()
             code = await asyncio.to_thread(router.wait_exit)
             assert code == 0, router.log()[-3000:]
+
+
+async def test_router_scales_its_own_deployment_out_under_load(tmp_path: Path) -> None:
+    from tests.support import EXAMPLES, post_many, start_replica
+
+    rep = await asyncio.to_thread(start_replica, tmp_path, EXAMPLES / "echo" / "score.py")
+    async with fake_cluster(tmp_path) as fake:
+        fake.put_deployment("mlfe", "mlfe-router", replicas=1)
+        fake.put_deployment("models", "iris", replicas=1)
+        fake.put_slice("models", "iris-abc", "iris", [ep("192.0.2.10")])
+        port, admin_port = free_port(), free_port()
+        cfg = {
+            "router": {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}",
+                       "state_dir": str(tmp_path / "state"), "access_log": False,
+                       # Any load counts as slow routing: one more pod, up to 2.
+                       "self_scaling": {"max_pods": 2, "routing_time_up_ms": 0.0001,
+                                        "up_window_seconds": 2, "period_seconds": 0.5,
+                                        "cpu_down_threshold": 0.01, "cooldown_seconds": 1}},
+            "services": {
+                "iris": {"kubernetes": {"namespace": "models", "deployment": "iris"}},
+                "echo": {"upstreams": [f"127.0.0.1:{rep.port}"], "auth_enabled": False},
+            },
+        }
+        path = tmp_path / "k8s.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        router = spawn(["serve", "--config", str(path)], tmp_path / "router.log", port,
+                       {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
+                        "POD_NAME": "mlfe-router-0"})
+        try:
+            async def leading() -> bool:
+                return fake.lease("mlfe", "mlfe-autoscaler") is not None
+
+            await poll("the Lease taken", leading, router)
+
+            async def scaled_out() -> bool:
+                if fake.deployment("mlfe", "mlfe-router")["spec"]["replicas"] == 2:
+                    return True
+                statuses = await post_many(port, "/api/v1/service/echo/score", 300, {},
+                                           concurrency=8)
+                assert set(statuses) == {200}
+                return False
+
+            await poll("the router's Deployment scaled out", scaled_out, router, within_s=60)
+            patches = [s.path for s in fake.seen("PATCH")]
+            assert "/apis/apps/v1/namespaces/mlfe/deployments/mlfe-router/scale" in patches
+        finally:
+            router.signal()
+            code = await asyncio.to_thread(router.wait_exit)
+            rep.stop()
+            assert code == 0, router.log()[-3000:]
