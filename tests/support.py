@@ -109,7 +109,7 @@ def start_replica(tmp: Path, entry_script: Path | str, env: Mapping[str, str] | 
         port,
         env,
     )
-    p.wait_for(lambda: p.get_ok("/"), f"replica {entry_script} healthy")
+    _ready_or_stop(p, lambda: p.get_ok("/"), f"replica {entry_script} healthy")
     return p
 
 
@@ -130,8 +130,18 @@ def start_router(tmp: Path, config: dict[str, Any], env: Mapping[str, str] | Non
     p.extra["config_path"] = cfg_path
     p.extra["state_dir"] = Path(cfg["router"]["state_dir"])
     if ready:  # (a TLS router is polled by the test itself)
-        p.wait_for(lambda: p.get_ok("/-/healthy"), "router healthy")
+        _ready_or_stop(p, lambda: p.get_ok("/-/healthy"), "router healthy")
     return p
+
+
+def _ready_or_stop(p: Proc, condition: Callable[[], bool], what: str) -> None:
+    """Wait for a process just started; if it never gets ready, do not leave it running (the
+    caller never got it to stop)."""
+    try:
+        p.wait_for(condition, what)
+    except BaseException:
+        p.stop()
+        raise
 
 
 def keys_of(router: Proc, owner: str) -> tuple[str, str]:
@@ -243,7 +253,7 @@ def start_fake_replica(tmp: Path, name: str = "fake") -> Proc:
         tmp / f"{name}-{port}.log",
         port,
     )
-    p.wait_for(lambda: p.get_ok("/"), "fake replica healthy")
+    _ready_or_stop(p, lambda: p.get_ok("/"), "fake replica healthy")
     return p
 
 
@@ -293,7 +303,7 @@ def start_nginx(tmp: Path, upstream_port: int, server_extra: str = "",
                                       server_extra=server_extra))
     p = spawn_cmd([binary, "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)],
                   d / "stdout.log", port)
-    p.wait_for(lambda: port_open(port), "nginx listening")
+    _ready_or_stop(p, lambda: port_open(port), "nginx listening")
     return p
 
 
