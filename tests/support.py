@@ -97,7 +97,7 @@ def spawn(args: list[str], log_path: Path, port: int, env: Mapping[str, str] | N
             stderr=subprocess.STDOUT,
             env=full_env,
         )
-    return Proc(proc, log_path, port)
+    return _track(Proc(proc, log_path, port))
 
 
 def start_replica(tmp: Path, entry_script: Path | str, env: Mapping[str, str] | None = None,
@@ -234,7 +234,17 @@ def spawn_cmd(cmd: list[str], log_path: Path, port: int) -> Proc:
     """Any command as a `Proc`, its output in `log_path`."""
     with log_path.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    return Proc(proc, log_path, port)
+    return _track(Proc(proc, log_path, port))
+
+
+# Every process a test started, so that none outlives the test session (tests/conftest.py),
+# whatever a test's own clean-up missed.
+SPAWNED: list[Proc] = []
+
+
+def _track(p: Proc) -> Proc:
+    SPAWNED.append(p)
+    return p
 
 
 def port_open(port: int) -> bool:
