@@ -120,13 +120,14 @@ class AutoscalerLoop:
         next_tick = self._clock.now()
         while True:
             spec = self._specs[name]  # removal cancels this task, so the name is present
-            await self._tick(name, spec)
+            # The scheduled time, not the time the task woke: windows then close on the tick
+            # they are due, not one period late when a wake-up comes a hair early.
+            await self._tick(name, spec, next_tick)
             # Fixed rate; after a slow tick, go again at once rather than bursting to catch up.
             next_tick = max(next_tick + spec.refresh_seconds, self._clock.now())
             await self._clock.sleep(next_tick - self._clock.now())
 
-    async def _tick(self, name: str, spec: ScalingSpec) -> None:
-        now = self._clock.now()
+    async def _tick(self, name: str, spec: ScalingSpec, now: float) -> None:
         try:
             counts = self._counts.counts(name)
             current = self._actuator.current(name)

@@ -45,11 +45,15 @@ RECONNECT_MAX_S = 2.0
 DEFAULT_GRACE_S = 2.0
 
 
+# One message is one line; a service with thousands of replicas makes long ones.
+LINE_LIMIT = 16 * 1024 * 1024
+
+
 async def open_stream(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if address.startswith("unix:"):
-        return await asyncio.open_unix_connection(address[5:])
+        return await asyncio.open_unix_connection(address[5:], limit=LINE_LIMIT)
     host, _, port = address.rpartition(":")
-    return await asyncio.open_connection(host.strip("[]"), int(port))
+    return await asyncio.open_connection(host.strip("[]"), int(port), limit=LINE_LIMIT)
 
 
 def _fresh_socket_path(path: str) -> str:
@@ -79,10 +83,11 @@ class BrokerServer:
     async def start(self, address: str) -> None:
         if address.startswith("unix:"):
             path = _fresh_socket_path(address[5:])
-            self._server = await asyncio.start_unix_server(self._serve, path)
+            self._server = await asyncio.start_unix_server(self._serve, path, limit=LINE_LIMIT)
         else:
             host, _, port = address.rpartition(":")
-            self._server = await asyncio.start_server(self._serve, host.strip("[]"), int(port))
+            self._server = await asyncio.start_server(
+                self._serve, host.strip("[]"), int(port), limit=LINE_LIMIT)
 
     async def close(self) -> None:
         for handle in self._leaving.values():
