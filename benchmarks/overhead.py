@@ -230,6 +230,9 @@ def mlfe_config(
             "state_dir": str(tmp / "mlfe-state"),
             # One router worker: no router self-scaling (what the target is stated for).
             "cluster_purpose": "DevTest",
+            # Like for like: the nginx it is compared with runs with `access_log off`. The log's
+            # own cost is in benchmarks/README.md (a few µs per request).
+            "access_log": False,
         },
         "services": {
             SERVICE: {

@@ -47,6 +47,16 @@ class Limits:
     keepalive_timeout_s: float = 75.0
 
 
+# Request headers the protocol itself looks at (one dict lookup for all the others).
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _EXPECT = range(4)
+_SPECIAL_REQUEST_HEADERS = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"host": _HOST,
+    b"expect": _EXPECT,
+}
+
+
 class BodySink(Protocol):
     """What a handler attaches to an exchange to receive its body and client events."""
 
@@ -412,10 +422,14 @@ class HttpServerProtocol(asyncio.Protocol):
             self._fatal(errors.headers_too_large())
             raise _Closing
         name = name.lower()
-        if name == b"content-length":
+        ex.headers.append((name, value))
+        special = _SPECIAL_REQUEST_HEADERS.get(name)
+        if special is None:
+            return
+        if special == _CONTENT_LENGTH:
             # llhttp refuses conflicting duplicates and CL with TE; it has checked the digits.
             ex.content_length = int(value)
-        elif name == b"transfer-encoding":
+        elif special == _TRANSFER_ENCODING:
             # Only plain chunked is understood; anything else is refused (nginx: 501), never
             # guessed at, since a proxy and a replica that frame a body differently is how
             # requests get smuggled.
@@ -423,11 +437,10 @@ class HttpServerProtocol(asyncio.Protocol):
                 self._fatal(errors.RouterError(501, "Transfer-Encoding not supported"))
                 raise _Closing
             ex.chunked = True
-        elif name == b"host":
+        elif special == _HOST:
             self._hosts += 1
-        elif name == b"expect" and value.lower() == b"100-continue":
+        elif value.lower() == b"100-continue":
             ex.expect_continue = True
-        ex.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         ex = self._parsing
