@@ -33,7 +33,7 @@ from autoscaler.router_scaler import (
 from deploy.cluster import Cluster, uses_kubernetes
 from deploy.config import ConfigError, MlfeConfig, ServiceConfig
 from deploy.local_target import LocalTarget, is_local
-from deploy.startup import load_for_serving
+from deploy.startup import load_for_serving, settle_heap
 from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
 from router.admin import AdminApi, admin_token
 from router.server import Router
@@ -259,6 +259,7 @@ async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False,
                 config_path: Path | None = None) -> int:
     rt = Runtime(cfg, base_dir, config_path)
     await rt.start()
+    settle_heap()
     print(f"mlfe: scoring on {rt.router.base_url}, admin on "
           f"http://{cfg.router.admin_addr[0]}:{rt.admin.port}", flush=True)
     status_task = None

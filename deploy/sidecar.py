@@ -68,6 +68,7 @@ from deploy.config import (
     ServiceConfig,
     parse_hostport,
 )
+from deploy.startup import settle_heap
 from router.probe import probe_http
 
 log = logging.getLogger(__name__)
@@ -445,6 +446,7 @@ async def serve(settings: SidecarSettings) -> int:
     await router.start()
     await admin.start(*cfg.router.admin_addr)
     health.start()
+    settle_heap()
     print(f"mlfe sidecar: scoring on {router.scoring_uri('service/' + settings.service)}"
           f" -> upstream {host}:{port}; admin on "
           f"http://{cfg.router.admin_addr[0]}:{admin.port}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -21,3 +22,11 @@ def load_for_serving(config_path: str | Path, log_level: str, prog: str = "mlfe"
         return None
     logs.configure(log_level, cfg.router.log_format)
     return cfg
+
+
+def settle_heap() -> None:
+    """After start-up: what exists now lives as long as the process, so move it out of the
+    cyclic collector's sight. Its full passes otherwise scan every module and config object
+    and pause the scoring loop for tens of milliseconds (seen as p99 spikes under load)."""
+    gc.collect()
+    gc.freeze()

@@ -22,6 +22,7 @@ import uvloop
 
 from deploy.config import MlfeConfig
 from deploy.local_target import _die_with_parent
+from deploy.startup import load_for_serving, settle_heap
 from router.server import Router
 from router.slots import SlotMember
 
@@ -152,6 +153,7 @@ async def _worker(cfg: MlfeConfig, broker: str, member_id: str) -> int:
                         on_reload=router.reload_state)
     router.slot_member = member
     await router.start()
+    settle_heap()
     task = loop.create_task(member.run(), name="slot member")
     try:
         await wait_for_signal()
@@ -166,8 +168,6 @@ async def _worker(cfg: MlfeConfig, broker: str, member_id: str) -> int:
 
 
 def run_worker(config_path: str, broker: str, member_id: str, log_level: str = "INFO") -> int:
-    from deploy.startup import load_for_serving
-
     cfg = load_for_serving(config_path, log_level, "mlfe worker")
     if cfg is None:
         return 2

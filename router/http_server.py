@@ -142,6 +142,15 @@ class Exchange:
         """Receive client events now; the body is held until `start_body`."""
         self.sink = sink
 
+    def detach(self) -> None:
+        """The handler is done with this exchange: what is left of the body is dropped. Also
+        breaks the exchange <-> handler reference cycle, so both are freed at once instead of
+        by the cyclic garbage collector (whose full passes pause the loop for milliseconds)."""
+        self.sink = None
+        if self._flowing:
+            self._flowing = False
+            self._discarding = True
+
     def start_body(self) -> None:
         """Deliver the body to the sink: what is buffered now, the rest as it arrives."""
         if self._flowing or self.response_done:

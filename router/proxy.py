@@ -578,6 +578,7 @@ class Forward:
         if self._state == _DONE:
             return
         self._state = _DONE
+        self.ex.detach()
         self._handler.in_progress -= 1
         self._svc.completed += 1
         if self._timer is not None:
