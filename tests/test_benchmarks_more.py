@@ -174,3 +174,14 @@ async def test_open_loop_load_keeps_its_schedule_and_survives_closed_keepalive()
     assert starts[0] == 0.0
     assert sorted(gaps)[-1] > 0.55  # the pause, long enough for the server to close them
     assert all(abs(g - 0.02) < 1e-6 for g in sorted(gaps)[:-1])  # on schedule, 20 ms apart
+
+
+def test_sidecar_quick(tmp_path: Path) -> None:
+    stdout = run_quick("sidecar", tmp_path)
+    rows = [line for line in stdout.splitlines() if line.startswith(("| on", "| off"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        rss, rps, cpu = float(cells[1]), float(cells[2].replace(",", "")), float(cells[3])
+        assert rss > 0 and rps > 0 and cpu > 0 and cells[4] == "0"
+    assert list(tmp_path.glob("sidecar-*.json"))
