@@ -37,8 +37,8 @@ def measure(procs: Processes, wrk: str, access_log: bool, duration_s: int,
             connections: int) -> dict[str, float]:
     replica_port, port, admin_port = free_port(), free_port(), free_port()
     replica = procs.start(f"replica-{access_log}", [
-        sys.executable, "-m", "deploy.cli", "score-server", "--synthetic", "latency=0,concurrency=64",
-        "--port", str(replica_port)])
+        sys.executable, "-m", "deploy.cli", "score-server",
+        "--synthetic", "latency=0,concurrency=64", "--port", str(replica_port)])
     wait_until(answers_200(replica_port, "/"), "the synthetic replica", [replica])
     state = Path(tempfile.mkdtemp(prefix="mlfe-sidecar-bench-"))
     env = {**os.environ, "MLFE_UPSTREAM": f"127.0.0.1:{replica_port}",
