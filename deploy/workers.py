@@ -142,7 +142,8 @@ async def _worker(cfg: MlfeConfig, broker: str, member_id: str) -> int:
     from deploy.runtime import wait_for_signal
 
     loop = asyncio.get_running_loop()
-    router = Router(cfg, loop, coordinated=True, reuse_port=True)
+    router = Router(cfg, loop, coordinated=True, reuse_port=True,
+                    data_file_prefix=f"data-{member_id}")
 
     def replicas(service: str, addrs: list[str]) -> None:
         svc = router.services.get(service)

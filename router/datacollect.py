@@ -10,7 +10,8 @@ A supervised drain task takes the queued records in batches and hands each batch
 writer thread, which does all the work: joining chunks, truncating bodies over the cap, parsing
 JSON bodies, base64 for the others, encoding the line with orjson, and appending it to
 
-    <data_dir>/<service>/<version>/<yyyy>/<mm>/<dd>/data-<n>.jsonl      (UTC date of the record)
+    <data_dir>/<service>/<version>/<yyyy>/<mm>/<dd>/data-<n>.jsonl      (UTC date of the record;
+                                            a worker process writes data-worker-<i>-<n>.jsonl)
 
 One line per record::
 
@@ -66,7 +67,6 @@ Body = bytes | list[bytes]
 #  request_body, request_content_type, response_body, response_content_type, queued_bytes)
 _Record = tuple[float, str, str, str, int, Body, bytes | None, Body, bytes | None, int]
 
-_DATA_FILE = re.compile(r"data-(\d+)\.jsonl")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_DIRS = 1024  # rotation state kept per directory; older days are forgotten past this
 
@@ -86,10 +86,11 @@ class _Sink:
     directory: Path
     n: int
     size: int
+    prefix: str = "data"
 
     @property
     def path(self) -> Path:
-        return self.directory / f"data-{self.n}.jsonl"
+        return self.directory / f"{self.prefix}-{self.n}.jsonl"
 
 
 class DataCollector:
@@ -110,10 +111,15 @@ class DataCollector:
         max_queue_bytes: int = 128 * 1024 * 1024,
         warn_interval: float = 10.0,
         restart_delay: float = 1.0,
+        file_prefix: str = "data",
     ) -> None:
         if max_queue < 1 or batch < 1 or max_body_bytes < 0 or rotate_bytes < 1:
             raise ValueError("max_queue, batch and rotate_bytes must be >= 1, max_body_bytes >= 0")
         self.data_dir = Path(data_dir)
+        # Files are <prefix>-<n>.jsonl: several processes writing one data dir (router worker
+        # processes) each take their own prefix, so their lines never interleave.
+        self._prefix = file_prefix
+        self._data_file = re.compile(re.escape(file_prefix) + r"-(\d+)\.jsonl")
         self.max_queue = max_queue
         #: Bodies longer than this are truncated. The scoring path may stop collecting a body's
         #: chunks once it holds more than this many bytes: the record is still marked truncated.
@@ -408,12 +414,12 @@ class DataCollector:
         directory.mkdir(parents=True, exist_ok=True)  # new, or removed since: (re)scan it
         highest = 0
         for entry in os.scandir(directory):
-            m = _DATA_FILE.fullmatch(entry.name)
+            m = self._data_file.fullmatch(entry.name)
             if m is not None:
                 highest = max(highest, int(m.group(1)))
         if len(self._sinks) >= _MAX_DIRS:
             self._sinks = {k: s for k, s in self._sinks.items() if k[2] == day}
-        sink = self._sinks[key] = _Sink(directory, highest + 1, 0)
+        sink = self._sinks[key] = _Sink(directory, highest + 1, 0, self._prefix)
         return sink
 
     def _encode(self, record: _Record) -> tuple[tuple[str, str, str], bytes]:

@@ -87,11 +87,13 @@ class Router:
         loop: asyncio.AbstractEventLoop,
         coordinated: bool = False,
         reuse_port: bool = False,
+        data_file_prefix: str = "data",
     ) -> None:
         cfg = with_persisted_endpoints(cfg)
         self.cfg = cfg
         self._loop = loop
-        self.collector = DataCollector(cfg.router.data_dir or cfg.router.state_dir / "modeldata")
+        self.collector = DataCollector(cfg.router.data_dir or cfg.router.state_dir / "modeldata",
+                                       file_prefix=data_file_prefix)
         self.handler = ScoringHandler(
             loop,
             AccessLog(sys.stdout.buffer if cfg.router.access_log else None, cfg.router.log_format),

@@ -208,3 +208,30 @@ def test_metrics_add_up_across_workers_and_the_router_scales_itself_up(tmp_path:
         router.stop()
         for r in reps:
             r.stop()
+
+
+def test_workers_collect_model_data_into_files_of_their_own(tmp_path: Path) -> None:
+    from tests.support import post_many
+
+    reps = slow_replicas(tmp_path, 1)
+    data_dir = tmp_path / "modeldata"
+    router = start_router(tmp_path, {
+        "router": {"workers": 2, "data_dir": str(data_dir)},
+        "services": {"slow": service(reps, replica_max_concurrent_requests=8,
+                                     collect_model_data=True)},
+    })
+    try:
+        ids: list[str] = []
+        asyncio.run(post_many(router.port, "/api/v1/service/slow/score", 400, {},
+                              body=b'{"ms": 0}', concurrency=16,
+                              on_response=lambda s, h: ids.append(h["x-ms-request-id"])))
+        router.signal()  # workers drain and flush what they queued
+        assert router.wait_exit() == 0
+    finally:
+        router.stop()
+        for r in reps:
+            r.stop()
+    files = sorted(data_dir.glob("slow/default/*/*/*/*.jsonl"))
+    assert files and all(f.name.startswith("data-worker-") for f in files)
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert sorted(r["requestId"] for r in records) == sorted(ids)
