@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -14,3 +15,11 @@ def _no_process_left_behind() -> Iterator[None]:
     yield
     for p in SPAWNED:
         p.stop()
+
+
+@pytest.fixture
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """A test that leaves a task running fails (`pytestmark` in the modules that use it)."""
+    yield
+    leftover = asyncio.all_tasks() - {asyncio.current_task()}
+    assert not leftover, f"tasks left running: {leftover}"

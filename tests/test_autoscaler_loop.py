@@ -18,11 +18,8 @@ from autoscaler.supervise import TaskFailure
 SPEC = ScalingSpec(min_replicas=1, max_replicas=100)
 
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    yield
-    leftover = asyncio.all_tasks() - {asyncio.current_task()}
-    assert not leftover, f"tasks left running: {leftover}"
+# Every test here must leave no task running (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
 
 @dataclass

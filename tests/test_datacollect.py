@@ -13,7 +13,6 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,8 @@ DAY = "2024/05/01"
 JSON = b"application/json"
 
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    yield
-    leftover = asyncio.all_tasks() - {asyncio.current_task()}
-    assert not leftover, f"tasks left running: {leftover}"
+# Every test here must leave no task running (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
 
 class Clock:

@@ -29,11 +29,8 @@ NS = "mlfe"
 LEASE = "mlfe-autoscaler"
 
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    yield
-    leftover = {t for t in asyncio.all_tasks() - {asyncio.current_task()} if not t.done()}
-    assert not leftover, f"tasks left running: {leftover}"
+# Every test here must leave no task running (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ core count, its probe, and its loop on a fake clock."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -628,11 +627,8 @@ def test_delta_probe_defaults_to_one_pod() -> None:
 # --- the loop ------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    yield
-    leftover = asyncio.all_tasks() - {asyncio.current_task()}
-    assert not leftover, f"tasks left running: {leftover}"
+# Every test here must leave no task running (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
 
 @dataclass

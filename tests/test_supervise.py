@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
 from autoscaler.clock import FakeClock, settle
 from autoscaler.supervise import Supervisor, TaskFailure
 
-
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    yield
-    leftover = asyncio.all_tasks() - {asyncio.current_task()}
-    assert not leftover, f"tasks left running: {leftover}"
+# Every test here must leave no task running (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
 
 async def forever() -> None:
