@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from autoscaler.clock import Clock, MonotonicClock
-from autoscaler.decider import Counts, Reason, ScaleDownWindow, ScalingSpec, decide
+from autoscaler.decider import (
+    Counts,
+    Reason,
+    Recommendation,
+    ScaleDownWindow,
+    ScalingSpec,
+    decide,
+)
 from autoscaler.supervise import Supervisor, TaskFailure
 
 log = logging.getLogger(__name__)
@@ -94,6 +101,16 @@ class AutoscalerLoop:
         if self._running:
             for name in self._specs.keys() - self._tasks.keys():
                 self._spawn(name)
+
+    def adopt(self, service: str, replicas: int) -> None:
+        """Someone else (a human with kubectl) set `service` to `replicas`: take it as if this
+        loop had asked for it now, so it holds for a scale-down window before demand may take
+        it down (scale-up still follows demand at once). Not fighting a human means not
+        undoing their change on the next tick."""
+        if service in self._specs:
+            self._windows[service] = ScaleDownWindow(
+                (Recommendation(self._clock.now(), replicas),))
+            log.info("Adopting %d replicas for %r, set outside the autoscaler", replicas, service)
 
     def status(self) -> dict[str, ServiceStatus]:
         """The last tick of every service that has had one."""

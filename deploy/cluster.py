@@ -76,7 +76,8 @@ class Cluster:
         self.elector = LeaderElector(self.api, identity=default_identity())
         elector = self.elector
         self.target = KubernetesTarget(self._router.services, self.api,
-                                       may_scale=lambda: elector.is_leader)
+                                       may_scale=lambda: elector.is_leader,
+                                       on_external_change=self._adopt)
         self.target.configure(self._router.services, self.cfg.services)
         scaling = self.cfg.router.self_scaling
         if scaling.max_pods > 1:
@@ -92,6 +93,10 @@ class Cluster:
         self._lead = asyncio.get_running_loop().create_task(
             follow_leadership(self.elector, self._start_scaling, self._stop_scaling),
             name="leadership")
+
+    def _adopt(self, service: str, replicas: int) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.adopt(service, replicas)
 
     def router_pods(self) -> DeploymentPods:
         """The router self-scaler's pod actuator: only the leader changes the count."""

@@ -374,3 +374,20 @@ async def test_monotonic_clock_is_the_loops_clock() -> None:
     now = clock.now()
     await clock.sleep(0)
     assert before <= now <= asyncio.get_running_loop().time()
+
+
+async def test_a_human_change_is_adopted_for_a_window_not_undone(harness: Harness) -> None:
+    """kubectl scale to 6 while demand needs 2: the loop holds 6 for a scale-down window,
+    then follows demand; it does not undo the change on its next tick."""
+    harness.router.busy["svc"] = 1
+    harness.loop.set_services({"svc": SPEC})
+    harness.loop.start()
+    await harness.clock.advance_and_settle(5)
+    assert [c.desired for c in harness.actuator.calls] == [2]  # what demand asked for
+    harness.actuator.replicas["svc"] = 6  # a human scales the Deployment
+    harness.loop.adopt("svc", 6)
+    await harness.clock.advance_and_settle(59)
+    assert [c.desired for c in harness.actuator.calls] == [2]  # 6 held for the window
+    await harness.clock.advance_and_settle(2)
+    # The first tick after adopting (6) is the first to recommend less: down at 6 + 60.
+    assert [(c.at, c.desired) for c in harness.actuator.calls] == [(0, 2), (66, 2)]
