@@ -21,25 +21,12 @@ import pytest
 
 from tests.support import EXAMPLES, Proc, free_port, spawn, start_replica, start_router
 
+# The slow example model (its run() takes `ms` from the request; `seq` is the order run()
+# calls began in, `tag` is echoed); without `ms`, it answers at once.
+INSTANT = {"SLOW_RUN_MS": "0"}
 KEY1 = "k1-" + "a" * 40
 KEY2 = "k2-" + "b" * 40
 ADMIN = "admin-token-for-tests"
-
-# A model whose run() reports the order it started requests in and sleeps as asked.
-SEQ_SCRIPT = '''
-import itertools, threading, time
-_seq = itertools.count()
-_lock = threading.Lock()
-
-def init():
-    pass
-
-def run(data):
-    with _lock:
-        n = next(_seq)
-    time.sleep(data.get("ms", 0) / 1000)
-    return {"seq": n, "tag": data.get("tag")}
-'''
 
 ERRORS_SCRIPT = '''
 def init():
@@ -147,7 +134,7 @@ def test_401_gives_no_hint(tmp_path: Path, procs: list[Proc], headers: dict[str,
 def test_router_errors(tmp_path: Path, procs: list[Proc]) -> None:
     rep = start_replica(tmp_path, script(tmp_path, "errs", ERRORS_SCRIPT))
     procs.append(rep)
-    slow = start_replica(tmp_path, script(tmp_path, "seq", SEQ_SCRIPT), name="slow")
+    slow = start_replica(tmp_path, EXAMPLES / "slow" / "score.py", env=INSTANT, name="slow")
     procs.append(slow)
     dead_port = free_port()  # nothing listens here
     router = router_with(
@@ -212,7 +199,7 @@ def test_replica_that_comes_back_is_probed_into_rotation(tmp_path: Path, procs: 
 
 
 def test_queue_wait_gives_503_overloaded(tmp_path: Path, procs: list[Proc]) -> None:
-    rep = start_replica(tmp_path, script(tmp_path, "seq", SEQ_SCRIPT))
+    rep = start_replica(tmp_path, EXAMPLES / "slow" / "score.py", env=INSTANT)
     procs.append(rep)
     router = router_with(
         tmp_path, {"svc": service([f"127.0.0.1:{rep.port}"], max_request_wait_time=200)}
@@ -238,7 +225,7 @@ def test_queue_wait_gives_503_overloaded(tmp_path: Path, procs: list[Proc]) -> N
 
 
 def test_queue_full_is_refused_at_once(tmp_path: Path, procs: list[Proc]) -> None:
-    rep = start_replica(tmp_path, script(tmp_path, "seq", SEQ_SCRIPT))
+    rep = start_replica(tmp_path, EXAMPLES / "slow" / "score.py", env=INSTANT)
     procs.append(rep)
     router = router_with(tmp_path, {"svc": service(
         [f"127.0.0.1:{rep.port}"], max_request_wait_time=20000, max_queue_length=1)})
@@ -296,7 +283,7 @@ def test_cap_holds_under_200_concurrent_clients(tmp_path: Path, procs: list[Proc
 
 
 def test_queue_is_fifo(tmp_path: Path, procs: list[Proc]) -> None:
-    rep = start_replica(tmp_path, script(tmp_path, "seq", SEQ_SCRIPT))
+    rep = start_replica(tmp_path, EXAMPLES / "slow" / "score.py", env=INSTANT)
     procs.append(rep)
     router = router_with(tmp_path, {"svc": service(
         [f"127.0.0.1:{rep.port}"], max_request_wait_time=30000)})
@@ -323,7 +310,7 @@ def test_queue_is_fifo(tmp_path: Path, procs: list[Proc]) -> None:
 
 
 def test_disconnected_waiter_frees_its_place(tmp_path: Path, procs: list[Proc]) -> None:
-    rep = start_replica(tmp_path, script(tmp_path, "seq", SEQ_SCRIPT))
+    rep = start_replica(tmp_path, EXAMPLES / "slow" / "score.py", env=INSTANT)
     procs.append(rep)
     router = router_with(tmp_path, {"svc": service(
         [f"127.0.0.1:{rep.port}"], max_request_wait_time=30000, max_queue_length=1)})

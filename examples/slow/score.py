@@ -16,6 +16,7 @@ DEFAULT_MS = float(os.environ.get("SLOW_RUN_MS", "50"))
 _lock = threading.Lock()
 _in_flight = 0
 _max_in_flight = 0
+_started = 0  # run() calls begun so far: a request's `seq` is its place in that order
 
 
 def init() -> None:
@@ -23,10 +24,12 @@ def init() -> None:
 
 
 def run(data: Any) -> dict[str, Any]:
-    global _in_flight, _max_in_flight
+    global _in_flight, _max_in_flight, _started
     ms = data.get("ms", DEFAULT_MS) if isinstance(data, dict) else DEFAULT_MS
     ms = float(ms)
     with _lock:
+        seq = _started
+        _started += 1
         _in_flight += 1
         in_flight = _in_flight
         _max_in_flight = max(_max_in_flight, _in_flight)
@@ -41,4 +44,6 @@ def run(data: Any) -> dict[str, Any]:
         "in_flight": in_flight,
         "max_in_flight": max_in_flight,
         "pid": os.getpid(),
+        "seq": seq,
+        "tag": data.get("tag") if isinstance(data, dict) else None,
     }
