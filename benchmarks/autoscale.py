@@ -57,6 +57,7 @@ from benchmarks.common import (
     markdown_table,
     open_loop_load,
     percentile,
+    run_record,
     wait_until,
     write_json,
 )
@@ -639,11 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(windows, phases, s, png)
     out = s.results_dir / f"autoscale-{stamp}.json"
     write_json(out, {
-        "benchmark": "autoscale",
-        "started": started.isoformat(),
-        "finished": dt.datetime.now(dt.UTC).isoformat(),
-        "command": " ".join(["python -m benchmarks.autoscale", *(argv or sys.argv[1:])]),
-        "settings": s.to_json(),
+        **run_record("autoscale", started, argv, s.to_json()),
         "machine": machine,
         "mlfe_config": mlfe_config(Path("<tmp>"), s, 0, 0),
         "phases": [{"name": p.name, "start": p.start, "end": p.end} for p in phases],

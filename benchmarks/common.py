@@ -13,6 +13,7 @@ Conventions, all on loopback:
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import http.client
 import json
 import os
@@ -658,6 +659,18 @@ def fmt_num(value: float | None, digits: int = 0, signed: bool = False) -> str:
         return "-"
     spec = f"{'+' if signed else ''},.{digits}f"
     return format(value, spec)
+
+
+def run_record(name: str, started: dt.datetime, argv: Sequence[str] | None,
+               settings: Any) -> dict[str, Any]:
+    """The fields every benchmark's JSON begins with: which one, when, how it was run."""
+    return {
+        "benchmark": name,
+        "started": started.isoformat(),
+        "finished": dt.datetime.now(dt.UTC).isoformat(),
+        "command": " ".join([f"python -m benchmarks.{name}", *(argv or sys.argv[1:])]),
+        "settings": settings,
+    }
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -64,6 +64,7 @@ from benchmarks.common import (
     nginx_worker_pids,
     reaped_children_cpu_s,
     render_nginx_conf,
+    run_record,
     run_wrk,
     start_nginx,
     wait_for_quiet,
@@ -651,11 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     out = settings.results_dir / f"overhead-{stamp}.json"
     write_json(out, {
-        "benchmark": "overhead",
-        "started": started.isoformat(),
-        "finished": dt.datetime.now(dt.UTC).isoformat(),
-        "command": " ".join(["python -m benchmarks.overhead", *(argv or sys.argv[1:])]),
-        "settings": settings.to_json(),
+        **run_record("overhead", started, argv, settings.to_json()),
         "machine": machine,
         "request": {"method": "POST", "path": SCORE_PATH, "body_bytes": len(body),
                     "content_type": "application/json", "auth": "Bearer <43-char key>"},

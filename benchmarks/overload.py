@@ -58,6 +58,7 @@ from benchmarks.common import (
     open_loop_load,
     percentile,
     rss_kib,
+    run_record,
     wait_until,
     write_json,
 )
@@ -425,11 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     out = s.results_dir / f"overload-{stamp}.json"
     write_json(out, {
-        "benchmark": "overload",
-        "started": started.isoformat(),
-        "finished": dt.datetime.now(dt.UTC).isoformat(),
-        "command": " ".join(["python -m benchmarks.overload", *(argv or sys.argv[1:])]),
-        "settings": s.to_json(),
+        **run_record("overload", started, argv, s.to_json()),
         "machine": machine,
         "mlfe_config": {sc: mlfe_config(Path("<tmp>"), s, sc, 0, 0, [0] * s.replicas)
                         for sc in s.scenarios},

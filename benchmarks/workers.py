@@ -63,6 +63,7 @@ from benchmarks.common import (
     process_tree,
     reaped_children_cpu_s,
     render_nginx_conf,
+    run_record,
     run_wrk,
     start_nginx,
     wait_for_quiet,
@@ -480,11 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     out = s.results_dir / f"workers-{stamp}.json"
     write_json(out, {
-        "benchmark": "workers",
-        "started": started.isoformat(),
-        "finished": dt.datetime.now(dt.UTC).isoformat(),
-        "command": " ".join(["python -m benchmarks.workers", *(argv or sys.argv[1:])]),
-        "settings": s.to_json(),
+        **run_record("workers", started, argv, s.to_json()),
         "machine": machine,
         "mlfe_configs": {c.name: mlfe_config(Path("<tmp>"), c, 0, 0, 0, 0) for c in s.configs},
         "summary": [r.to_json() for r in rows],

@@ -542,6 +542,14 @@ def write_output(docs: list[Manifest], output: str, header: str) -> list[Path]:
     return written
 
 
+def _known_target(target: str) -> bool:
+    if target in TARGETS:
+        return True
+    print(f"mlfe: --target: unknown target {target!r} (known: {', '.join(TARGETS)})",
+          file=sys.stderr)
+    return False
+
+
 def run_render(
     config: str,
     target: str = "kubernetes",
@@ -552,9 +560,7 @@ def run_render(
     generate_secret: bool = False,
 ) -> int:
     """The `mlfe render` command: 0, or 2 with the reason on stderr."""
-    if target not in TARGETS:
-        print(f"mlfe: --target: unknown target {target!r} (known: {', '.join(TARGETS)})",
-              file=sys.stderr)
+    if not _known_target(target):
         return 2
     opts = RenderOptions(
         namespace=namespace or DEFAULT_NAMESPACE,
@@ -873,9 +879,7 @@ def run_render_sidecar(
     generate_secret: bool = False,
 ) -> int:
     """`mlfe render --target kubernetes --sidecar --deployment FILE`: 0, or 2 with the reason."""
-    if target not in TARGETS:
-        print(f"mlfe: --target: unknown target {target!r} (known: {', '.join(TARGETS)})",
-              file=sys.stderr)
+    if not _known_target(target):
         return 2
     opts = SidecarOptions(image=image, namespace=namespace, service_name=service_name,
                           model_container=model_container, generate_secret=generate_secret)
