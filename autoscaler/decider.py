@@ -18,6 +18,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from mlfe.stats import ServiceStats
+
+# The decider's input: a service's counts as the router reports them (mlfe/stats.py).
+Counts = ServiceStats
+
 
 @dataclass(frozen=True, slots=True)
 class ScalingSpec:
@@ -52,19 +57,6 @@ class ScalingSpec:
             raise ValueError(f"scale_down_window_s must be >= 0, got {self.scale_down_window_s}")
         if not self.autoscale_enabled and (self.num_replicas is None or self.num_replicas < 0):
             raise ValueError(f"autoscaling off needs num_replicas >= 0, got {self.num_replicas}")
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    """The router's view of one service at one moment."""
-
-    busy: int  # requests in flight at replicas
-    queued: int  # requests waiting in the router for a free replica slot
-    replicas: int  # ready replicas the router is sending to
-
-    def __post_init__(self) -> None:
-        if self.busy < 0 or self.queued < 0 or self.replicas < 0:
-            raise ValueError(f"counts cannot be negative: {self}")
 
 
 class Reason(enum.StrEnum):

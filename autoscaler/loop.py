@@ -15,24 +15,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from autoscaler.clock import Clock, MonotonicClock
 from autoscaler.decider import (
-    Counts,
     Reason,
     Recommendation,
     ScaleDownWindow,
     ScalingSpec,
     decide,
 )
-from autoscaler.supervise import Supervisor, TaskFailure
+from mlfe.clock import Clock, MonotonicClock
+from mlfe.stats import StatsSource
+from mlfe.supervise import Supervisor, TaskFailure
 
 log = logging.getLogger(__name__)
-
-
-class CountsSource(Protocol):
-    def counts(self, service: str) -> Counts:
-        """The router's live counters for ``service``; an in-process read that must not block."""
-        ...
 
 
 class Actuator(Protocol):
@@ -65,7 +59,7 @@ class AutoscalerLoop:
     def __init__(
         self,
         *,
-        counts: CountsSource,
+        counts: StatsSource,
         actuator: Actuator,
         clock: Clock | None = None,
         on_failure: Callable[[TaskFailure], None] | None = None,

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from autoscaler.clock import Clock, MonotonicClock
-from autoscaler.supervise import Supervisor, TaskFailure
+from mlfe.clock import Clock, MonotonicClock
+from mlfe.supervise import Supervisor, TaskFailure
 
 log = logging.getLogger(__name__)
 

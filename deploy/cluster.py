@@ -13,9 +13,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from autoscaler.clock import MonotonicClock
-from autoscaler.loop import AutoscalerLoop, CountsSource
-from deploy.config import ConfigError, MlfeConfig
+from autoscaler.loop import AutoscalerLoop
+from mlfe.clock import MonotonicClock
+from mlfe.config import ConfigError, MlfeConfig
+from mlfe.stats import StatsSource
 
 if TYPE_CHECKING:
     from autoscaler.router_scaler import DeploymentPods
@@ -40,7 +41,7 @@ def uses_kubernetes(cfg: MlfeConfig) -> bool:
 
 
 class Cluster:
-    def __init__(self, cfg: MlfeConfig, router: Router, local_counts: CountsSource,
+    def __init__(self, cfg: MlfeConfig, router: Router, local_counts: StatsSource,
                  admin_token: str) -> None:
         self.cfg = cfg
         self._router = router

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from deploy.config import ServiceConfig
+from mlfe.config import ServiceConfig
 from router.admission import Replica
 from router.probe import probe_http
 from router.services import Service

@@ -41,14 +41,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy.config import (
-    NAME_RE,
-    ConfigError,
-    MlfeConfig,
-    ServiceConfig,
-    load_config,
-    parse_config,
-)
+from deploy.config_file import load_config
+from mlfe.config import NAME_RE, ConfigError, MlfeConfig, ServiceConfig, parse_config
 
 Manifest = dict[str, Any]
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import uvloop
 
-from autoscaler.clock import MonotonicClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_scaler import (
@@ -31,10 +30,11 @@ from autoscaler.router_scaler import (
     WorkerActuator,
 )
 from deploy.cluster import Cluster, uses_kubernetes
-from deploy.config import ConfigError, MlfeConfig, ServiceConfig
 from deploy.local_target import LocalTarget, is_local
 from deploy.startup import load_for_serving, settle_heap
 from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
+from mlfe.clock import MonotonicClock
+from mlfe.config import ConfigError, MlfeConfig, ServiceConfig
 from router.admin import AdminApi, admin_token
 from router.server import Router
 from router.slots import DEFAULT_GRACE_S, BrokerServer, SlotMember

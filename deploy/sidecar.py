@@ -61,14 +61,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from deploy.config import (
-    NAME_RE,
-    MlfeConfig,
-    RouterSettings,
-    ServiceConfig,
-    parse_hostport,
-)
 from deploy.startup import settle_heap
+from mlfe.config import NAME_RE, MlfeConfig, RouterSettings, ServiceConfig, parse_hostport
 from router.probe import probe_http
 
 log = logging.getLogger(__name__)
@@ -467,7 +461,7 @@ def run_sidecar(log_level: str = "INFO", environ: Mapping[str, str] | None = Non
     import uvloop
 
     from deploy import logs
-    from deploy.config import ConfigError
+    from mlfe.config import ConfigError
 
     logs.configure(log_level)
     try:

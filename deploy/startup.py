@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from deploy import logs
-from deploy.config import ConfigError, MlfeConfig, load_config
+from deploy.config_file import load_config
+from mlfe.config import ConfigError, MlfeConfig
 
 
 def load_for_serving(config_path: str | Path, log_level: str, prog: str = "mlfe"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import uvloop
 
-from deploy.config import MlfeConfig
 from deploy.local_target import _die_with_parent
 from deploy.startup import load_for_serving, settle_heap
+from mlfe.config import MlfeConfig
 from router.server import Router
 from router.slots import SlotMember
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.config import ConfigError, VersionConfig
+from mlfe.config import ConfigError, VersionConfig
 from router.keystore import atomic_write
 
 if TYPE_CHECKING:

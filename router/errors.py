@@ -5,11 +5,10 @@ Upstream exception text never reaches a client: each failure kind maps to a fixe
 
 from __future__ import annotations
 
+from enum import Enum
 from http import HTTPStatus
 
 import orjson
-
-from router.upstream import UpstreamFailure
 
 # Reason phrases, precomputed so the hot path does no enum lookups.
 STATUS_LINES: dict[int, bytes] = {
@@ -22,6 +21,14 @@ def status_line(status: int) -> bytes:
     if line is None:
         line = b"HTTP/1.1 %d \r\n" % status
     return line
+
+
+class UpstreamFailure(Enum):
+    """How a replica failed a request (each maps to one status and metric label)."""
+
+    REFUSED = "refused"  # could not connect
+    CLOSED = "closed"  # closed or reset the connection before a complete response
+    BAD_RESPONSE = "bad_response"  # malformed HTTP
 
 
 class RouterError(Exception):

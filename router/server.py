@@ -18,7 +18,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from deploy.config import AuthSettings, ConfigError, MlfeConfig, parse_config
+from mlfe.config import AuthSettings, ConfigError, MlfeConfig, parse_config
 from router.accesslog import AccessLog
 from router.auth import Credentials, KeyAuth, NoAuth
 from router.datacollect import DataCollector

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
-from deploy.config import EndpointConfig, ServiceConfig, parse_hostport
+from mlfe.config import EndpointConfig, ServiceConfig, parse_hostport
 from router.admission import Handoff, Replica, ServicePool
 from router.auth import Credentials
 from router.metrics import ServiceMetrics

@@ -69,7 +69,7 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from deploy.config import TokenIssuer
+from mlfe.config import TokenIssuer
 from router.keystore import atomic_write
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,23 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from deploy.config import EndpointConfig
+
+class _Version(Protocol):
+    @property
+    def traffic_percentile(self) -> float: ...
+
+
+class Versions(Protocol):
+    """What the split needs of an endpoint (mlfe.config.EndpointConfig has it); a protocol so
+    that this decider depends on no configuration module."""
+
+    @property
+    def versions(self) -> Mapping[str, _Version]: ...
+
+    @property
+    def default_version(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +43,7 @@ class TrafficSplit:
         return out
 
 
-def build_split(ep: EndpointConfig) -> TrafficSplit:
+def build_split(ep: Versions) -> TrafficSplit:
     default = ep.default_version
     versions: list[str] = []
     bounds: list[float] = []

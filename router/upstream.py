@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from enum import Enum
 from typing import Protocol, cast
 
 import httptools
+
+from router.errors import UpstreamFailure
+
+__all__ = ["ReplicaConnections", "UpstreamConnection", "UpstreamFailure", "UpstreamSink"]
 
 # Response headers that belong to the replica hop, or that the router sets itself.
 _DROP_RESPONSE_HEADERS = frozenset(
@@ -35,14 +38,6 @@ _DROP_RESPONSE_HEADERS = frozenset(
 # most the replica's cap), so this bound is for safety; a low one makes a router that sends
 # more than it at once close and reopen connections on every request.
 MAX_IDLE_PER_REPLICA = 4096
-
-
-class UpstreamFailure(Enum):
-    """How a replica failed a request (each maps to one status and metric label)."""
-
-    REFUSED = "refused"  # could not connect
-    CLOSED = "closed"  # closed or reset the connection before a complete response
-    BAD_RESPONSE = "bad_response"  # malformed HTTP
 
 
 class UpstreamSink(Protocol):

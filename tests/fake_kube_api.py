@@ -45,8 +45,8 @@ import yaml
 from aiohttp import web
 from referencing import Registry, Resource
 
-from autoscaler.clock import FakeClock, settle
 from deploy.kube.api import SERVICE_NAME_LABEL, KubeApi
+from mlfe.clock import FakeClock, settle
 
 K8S_VERSION = "1.33.0"  # schemas to validate against
 ROLE_MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "role.yaml"

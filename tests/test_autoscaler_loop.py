@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from autoscaler.clock import FakeClock, MonotonicClock, settle
 from autoscaler.decider import Counts, Reason, ScalingSpec
 from autoscaler.loop import AutoscalerLoop, ServiceStatus
-from autoscaler.supervise import TaskFailure
+from mlfe.clock import FakeClock, MonotonicClock, settle
+from mlfe.supervise import TaskFailure
 
 SPEC = ScalingSpec(min_replicas=1, max_replicas=100)
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from deploy.config import ConfigError, load_config, parse_config
+from deploy.config_file import load_config
+from mlfe.config import ConfigError, parse_config
 
 UP = {"upstreams": ["127.0.0.1:5001"]}
 SCRIPT = {"entry_script": "examples/echo/score.py"}

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.config import parse_config
+from mlfe.config import parse_config
 from router.traffic import build_split, pick_version
 from tests.support import EXAMPLES, Proc, free_port, post_many, start_replica, start_router
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from deploy.config import parse_config
 from deploy.kube.api import Backoff, KubeApi
 from deploy.kube.discovery import EndpointWatcher, ready_addresses
 from deploy.kube.target import KubernetesTarget
+from mlfe.config import parse_config
 from router.auth import NoAuth
 from router.services import Service
 from tests.fake_kube_api import (

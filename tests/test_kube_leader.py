@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from autoscaler.clock import FakeClock
 from deploy.kube.api import KubeApi
 from deploy.kube.leader import LeaderElector, follow_leadership
 from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader
+from mlfe.clock import FakeClock
 from tests.fake_kube_api import (
     FakeKubeApi,
     WatchedClock,

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from autoscaler.clock import FakeClock
 from autoscaler.decider import Counts
 from deploy.kube.peers import PeerCounts, peer_watcher
+from mlfe.clock import FakeClock
 from router.admin import AdminApi
 from tests.fake_kube_api import connect_in_cluster, ep, fake_cluster, until
 

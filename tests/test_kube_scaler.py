@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from autoscaler.clock import FakeClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_scaler import DeploymentPods
-from deploy.config import parse_config
 from deploy.kube.api import KubeApi
 from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader, NotObserved
 from deploy.kube.target import KubernetesTarget
+from mlfe.clock import FakeClock
+from mlfe.config import parse_config
 from tests.fake_kube_api import (
     FakeKubeApi,
     Seen,

@@ -23,7 +23,7 @@ import yaml
 
 from deploy import render
 from deploy.cli import main
-from deploy.config import parse_config
+from mlfe.config import parse_config
 from router.keystore import KeyStore
 from router.tokens import SigningKeys
 

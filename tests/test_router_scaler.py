@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from autoscaler.clock import FakeClock
 from autoscaler.router_scaler import (
     DeltaProbe,
     DeploymentPods,
@@ -31,6 +30,7 @@ from autoscaler.router_scaler import (
     is_idle,
     is_slow,
 )
+from mlfe.clock import FakeClock
 
 UP = RouterReason.SCALE_UP
 OUT = RouterReason.SCALE_OUT

@@ -21,13 +21,13 @@ import pytest
 import yaml
 
 from deploy.cli import main
-from deploy.config import MlfeConfig
 from deploy.sidecar import (
     SETTINGS,
     Readiness,
     SidecarConfigError,
     settings_from_env,
 )
+from mlfe.config import MlfeConfig
 from tests.support import EXAMPLES, REPO, Proc, free_port, spawn
 
 KUBERNETES_VERSION = "1.33.0"

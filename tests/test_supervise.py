@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from autoscaler.clock import FakeClock, settle
-from autoscaler.supervise import Supervisor, TaskFailure
+from mlfe.clock import FakeClock, settle
+from mlfe.supervise import Supervisor, TaskFailure
 
 # Every test here must leave no task running (the fixture is in tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")

@@ -23,16 +23,9 @@ import pytest
 import yaml
 
 from deploy.cli import main
-from deploy.config import ConfigError, parse_config
-from deploy.synthetic import (
-    MIN_RESPONSE_BYTES,
-    LatencySpec,
-    Sampler,
-    SyntheticModel,
-    SyntheticSpec,
-    parse_spec,
-    response_body,
-)
+from deploy.synthetic import Sampler, SyntheticModel, response_body
+from mlfe.config import ConfigError, parse_config
+from mlfe.synthetic_spec import MIN_RESPONSE_BYTES, LatencySpec, SyntheticSpec, parse_spec
 from tests.support import EXAMPLES, REPO, Proc, free_port, post_many, spawn
 
 RUN_FAILED = "An unexpected error occurred in scoring script. Check the logs for more info."
@@ -137,7 +130,7 @@ def test_synthetic_in_a_service_config() -> None:
 
 
 def test_loadtest_example_is_valid() -> None:
-    from deploy.config import load_config
+    from deploy.config_file import load_config
 
     cfg = load_config(EXAMPLES / "loadtest.yaml")
     svc = cfg.services["loadtest"]

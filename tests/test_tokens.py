@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 import router.tokens as tokens
-from deploy.config import TokenIssuer
+from mlfe.config import TokenIssuer
 from router.tokens import (
     ExternalJwks,
     SigningKeys,

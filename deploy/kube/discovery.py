@@ -21,8 +21,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from autoscaler.clock import Clock, MonotonicClock
 from deploy.kube.api import Backoff, Gone, KubeApi, KubeError, StreamDropped, WatchEvent
+from mlfe.clock import Clock, MonotonicClock
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ The leader considers itself leader only until ``renew_deadline_s`` after the sta
 successful renewal, which is shorter than the lease duration: so it has stopped scaling before
 anyone else may take over, even if its API calls hang. A leader that finds the Lease held by
 someone else steps down at that read, so losing the lease stops its scaling within one
-``retry_period_s``. All timing is on an injected :class:`~autoscaler.clock.Clock`.
+``retry_period_s``. All timing is on an injected :class:`~mlfe.clock.Clock`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from autoscaler.clock import Clock, MonotonicClock
 from deploy.kube.api import KubeApi, KubeError, Lease
+from mlfe.clock import Clock, MonotonicClock
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Load across router pods: the leader's autoscaler sees the busy and queued counts of every
 router pod, not only its own.
 
-:class:`PeerCounts` is a ``CountsSource`` (autoscaler.loop). ``counts()`` stays an in-process
+:class:`PeerCounts` is a ``StatsSource`` (mlfe/stats.py). ``counts()`` stays an in-process
 read that never blocks: the local router's counters, plus the last counts fetched from every
 peer pod. A background loop fetches each peer's ``GET /v1/stats`` (admin port, shared admin
 token) concurrently, with a short timeout, every ``interval_s``. A peer that does not answer is
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -26,12 +27,11 @@ from typing import Any
 
 import httpx
 
-from autoscaler.clock import Clock, MonotonicClock
-from autoscaler.decider import Counts
-from autoscaler.loop import CountsSource
-from deploy.config import parse_hostport
 from deploy.kube.api import KubeApi
 from deploy.kube.discovery import EndpointWatcher
+from mlfe.clock import Clock, MonotonicClock
+from mlfe.config import parse_hostport
+from mlfe.stats import ServiceStats, StatsSource
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _parse_stats(data: Any) -> dict[str, tuple[int, int]]:
 class PeerCounts:
     def __init__(
         self,
-        local: CountsSource,
+        local: StatsSource,
         *,
         admin_token: str,
         self_hosts: Iterable[str | None] = (),
@@ -95,9 +95,9 @@ class PeerCounts:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
 
-    # ---- CountsSource -------------------------------------------------------------------------
+    # ---- StatsSource -------------------------------------------------------------------------
 
-    def counts(self, service: str) -> Counts:
+    def counts(self, service: str) -> ServiceStats:
         local = self._local.counts(service)
         busy, queued = local.busy, local.queued
         now = self._clock.now()
@@ -105,7 +105,7 @@ class PeerCounts:
             if now - stats.at <= self._max_age_s:
                 b, q = stats.services.get(service, (0, 0))
                 busy, queued = busy + b, queued + q
-        return Counts(busy=busy, queued=queued, replicas=local.replicas)
+        return dataclasses.replace(local, busy=busy, queued=queued)
 
     # ---- peers --------------------------------------------------------------------------------
 

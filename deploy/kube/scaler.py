@@ -20,8 +20,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from autoscaler.clock import Clock, MonotonicClock
 from deploy.kube.api import Conflict, KubeApi, KubeError, Scale
+from mlfe.clock import Clock, MonotonicClock
 
 log = logging.getLogger(__name__)
 

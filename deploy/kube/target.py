@@ -14,11 +14,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from autoscaler.clock import Clock, MonotonicClock
-from deploy.config import ServiceConfig
 from deploy.kube.api import KubeApi
 from deploy.kube.discovery import EndpointWatcher
 from deploy.kube.scaler import POLL_S, DeploymentRef, KubeScaler
+from mlfe.clock import Clock, MonotonicClock
+from mlfe.config import ServiceConfig
 from router.services import Service
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,9 @@
-"""mlfe configuration: the YAML of DESIGN §4 as validated models, with azureml's names and defaults.
+"""mlfe's configuration schema: validated models with azureml's names and defaults.
 
-Every error names the key path and the offending value, and a config is accepted or refused whole:
-`load_config` either returns a complete `MlfeConfig` or raises `ConfigError`.
+The bottom layer of mlfe (docs/architecture.md): pure data and validation, no file or network
+I/O, so the router and the deployment layer both build on it. Reading a YAML file is
+deploy/config_file.py. Every error names the key path and the offending value, and a config is
+accepted or refused whole: `parse_config` returns a complete `MlfeConfig` or raises `ConfigError`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from deploy.synthetic import SyntheticSpec
+from mlfe.synthetic_spec import SyntheticSpec
 
 # azureml service names: 3-32 chars, lowercase letters, digits and '-', starting with a letter.
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
@@ -390,45 +391,3 @@ def parse_config(data: Any, source: str = "<config>") -> MlfeConfig:
         return MlfeConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_format_errors(e)}") from None
-
-
-def load_config(path: str | Path) -> MlfeConfig:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return resolve_paths(parse_config(data, str(p)), p.resolve().parent)
-
-
-def resolve_paths(cfg: MlfeConfig, base: Path) -> MlfeConfig:
-    """Input files named in a config (entry scripts, model dirs, TLS files, JWKS files) are
-    relative to the config file; the state and data dirs stay relative to where mlfe runs."""
-
-    def rel(p: Path | None) -> Path | None:
-        return None if p is None else base / p  # an absolute p stays as it is
-
-    router = cfg.router
-    if router.tls is not None:
-        tls = router.tls.model_copy(update={"cert_file": rel(router.tls.cert_file),
-                                            "key_file": rel(router.tls.key_file)})
-        router = router.model_copy(update={"tls": tls})
-    if any(i.jwks_file for i in router.token_issuers):
-        issuers = [i.model_copy(update=_paths(jwks_file=rel(i.jwks_file)))
-                   for i in router.token_issuers]
-        router = router.model_copy(update={"token_issuers": issuers})
-    services = {
-        name: s.model_copy(update=_paths(entry_script=rel(s.entry_script),
-                                         model_dir=rel(s.model_dir)))
-        for name, s in cfg.services.items()
-    }
-    return cfg.model_copy(update={"router": router, "services": services})
-
-
-def _paths(**values: Path | None) -> dict[str, Path]:
-    # Only keys that have a value: a copy must not mark unset fields as set.
-    return {k: v for k, v in values.items() if v is not None}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Set
 from dataclasses import dataclass
 from typing import Any
 
-from autoscaler.clock import Clock, MonotonicClock
+from mlfe.clock import Clock, MonotonicClock
 
 log = logging.getLogger(__name__)
 
