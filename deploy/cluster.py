@@ -18,7 +18,7 @@ from autoscaler.loop import AutoscalerLoop, CountsSource
 from deploy.config import ConfigError, MlfeConfig
 
 if TYPE_CHECKING:
-    from autoscaler.router_scaler import DeploymentPods
+    from autoscaler.router_loop import DeploymentPods
     from deploy.kube import (
         EndpointWatcher,
         KubeApi,
@@ -100,7 +100,7 @@ class Cluster:
 
     def router_pods(self) -> DeploymentPods:
         """The router self-scaler's pod actuator: only the leader changes the count."""
-        from autoscaler.router_scaler import DeploymentPods
+        from autoscaler.router_loop import DeploymentPods
 
         assert self.target is not None and self.elector is not None
         elector = self.elector

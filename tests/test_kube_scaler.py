@@ -14,7 +14,7 @@ import pytest
 from autoscaler.clock import FakeClock
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
-from autoscaler.router_scaler import DeploymentPods
+from autoscaler.router_loop import DeploymentPods
 from deploy.config import parse_config
 from deploy.kube.api import KubeApi
 from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader, NotObserved
