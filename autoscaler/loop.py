@@ -22,6 +22,7 @@ from autoscaler.decider import (
     ScalingSpec,
     decide,
 )
+from autoscaler.ticker import tick_every
 from mlfe.clock import Clock, MonotonicClock
 from mlfe.stats import StatsSource
 from mlfe.supervise import Supervisor, TaskFailure
@@ -128,17 +129,15 @@ class AutoscalerLoop:
         self._tasks[name] = self._supervisor.spawn(self._run(name), name=f"autoscaler:{name}")
 
     async def _run(self, name: str) -> None:
-        next_tick = self._clock.now()
-        while True:
-            spec = self._specs[name]  # removal cancels this task, so the name is present
-            # The scheduled time, not the time the task woke: windows then close on the tick
-            # they are due, not one period late when a wake-up comes a hair early.
-            await self._tick(name, spec, next_tick)
-            # Fixed rate; after a slow tick, go again at once rather than bursting to catch up.
-            next_tick = max(next_tick + spec.refresh_seconds, self._clock.now())
-            await self._clock.sleep(next_tick - self._clock.now())
+        # Removal cancels this task, so the name is present whenever the ticker asks.
+        await tick_every(
+            self._clock,
+            lambda: self._specs[name].refresh_seconds,
+            lambda now: self._tick(name, now),
+        )
 
-    async def _tick(self, name: str, spec: ScalingSpec, now: float) -> None:
+    async def _tick(self, name: str, now: float) -> None:
+        spec = self._specs[name]
         try:
             counts = self._counts.counts(name)
             current = self._actuator.current(name)

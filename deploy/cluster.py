@@ -19,7 +19,7 @@ from mlfe.config import ConfigError, MlfeConfig
 from mlfe.stats import StatsSource
 
 if TYPE_CHECKING:
-    from autoscaler.router_scaler import DeploymentPods
+    from autoscaler.router_loop import DeploymentPods
     from deploy.kube import (
         EndpointWatcher,
         KubeApi,
@@ -101,7 +101,7 @@ class Cluster:
 
     def router_pods(self) -> DeploymentPods:
         """The router self-scaler's pod actuator: only the leader changes the count."""
-        from autoscaler.router_scaler import DeploymentPods
+        from autoscaler.router_loop import DeploymentPods
 
         assert self.target is not None and self.elector is not None
         elector = self.elector

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,9 @@ import uvloop
 
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
-from autoscaler.router_scaler import (
-    DeltaProbe,
-    DeploymentPods,
-    RouterScaler,
-    RouterScalingSpec,
-    WorkerActuator,
-)
+from autoscaler.router_decider import RouterScalingSpec
+from autoscaler.router_loop import DeltaProbe, DeploymentPods, RouterScaler, WorkerActuator
+from deploy.cgroup import PROC_SELF_CGROUP, cpu_seconds_source
 from deploy.cluster import Cluster, uses_kubernetes
 from deploy.local_target import LocalTarget, is_local
 from deploy.startup import load_for_serving, settle_heap
@@ -154,7 +149,9 @@ class Runtime:
                 hists = [svc.metrics.routing for svc in self.router.services.values()]
                 return sum(h.sum for h in hists), sum(h.count for h in hists)
 
-            cpu, count, actuator = time.process_time, (lambda: 1), OneWorker()
+            # The container's cgroup when the router has one to itself, else this process's.
+            cpu = cpu_seconds_source(proc_cgroup=PROC_SELF_CGROUP)
+            count, actuator = (lambda: 1), OneWorker()
         if max_workers <= 1 and pods is None:
             return None
         spec = RouterScalingSpec(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvloop
 
+from deploy.cgroup import CGROUP_CPU_MAX, available_cores
 from deploy.local_target import _die_with_parent
 from deploy.startup import load_for_serving, settle_heap
 from mlfe.config import MlfeConfig
@@ -32,15 +33,10 @@ RESTART_MIN_S = 0.5
 RESTART_MAX_S = 10.0
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_workers(workers: int | str) -> int:
-    return available_cores() if workers == "auto" else int(workers)
+def resolve_workers(workers: int | str, *, cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """A ``router.workers`` value as a count: ``auto`` is the cores the container may use
+    (its cgroup CPU quota, capped by the CPUs it may run on)."""
+    return available_cores(cpu_max) if workers == "auto" else int(workers)
 
 
 def supervisor_mode(cfg: MlfeConfig) -> bool:

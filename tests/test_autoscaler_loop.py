@@ -14,6 +14,7 @@ from autoscaler.decider import Counts, Reason, ScalingSpec
 from autoscaler.loop import AutoscalerLoop, ServiceStatus
 from mlfe.clock import FakeClock, MonotonicClock, settle
 from mlfe.supervise import TaskFailure
+from tests.late_clock import LateClock
 
 SPEC = ScalingSpec(min_replicas=1, max_replicas=100)
 
@@ -222,6 +223,19 @@ async def test_a_slow_scale_call_delays_only_its_own_service(harness: Harness) -
     harness.actuator.block.set()
     await harness.clock.advance_and_settle(0)
     assert [at for at, name in reads if name == "stuck"] == [0.0, 3.5]
+
+
+async def test_now_is_the_scheduled_tick_time() -> None:
+    clock = LateClock(late=0.25)  # every wake-up comes a quarter second late
+    actuator = FakeActuator(clock)
+    router = FakeRouter(actuator)
+    loop = AutoscalerLoop(counts=router, actuator=actuator, clock=clock)
+    loop.set_services({"svc": SPEC})
+    loop.start()
+    await clock.advance_and_settle(2.5)
+    await loop.stop()
+    assert [at for at, _ in router.reads] == [0, 1.25, 2.25]  # when the ticks ran
+    assert loop.status()["svc"].at == 2  # what they decided as
 
 
 async def test_config_reload_adds_changes_and_removes_services(harness: Harness) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from autoscaler.decider import Counts, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
-from autoscaler.router_scaler import DeploymentPods
+from autoscaler.router_loop import DeploymentPods
 from deploy.kube.api import KubeApi
 from deploy.kube.scaler import DeploymentRef, KubeScaler, NotLeader, NotObserved
 from deploy.kube.target import KubernetesTarget

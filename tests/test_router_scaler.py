@@ -1,36 +1,30 @@
-"""The router self-scaler: up then out on slow routing, down then in on idle CPU, its cgroup
-core count, its probe, and its loop on a fake clock."""
+"""The router self-scaler: up then out on slow routing, down then in on idle CPU, its probe,
+and its loop on a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-import os
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from autoscaler.router_scaler import (
-    DeltaProbe,
-    DeploymentPods,
+from autoscaler.router_decider import (
     RouterDecision,
     RouterReason,
     RouterSample,
-    RouterScaler,
     RouterScalerState,
     RouterScalingSpec,
-    available_cores,
-    cgroup_cpu_seconds,
-    cpu_seconds_source,
     decide,
     is_idle,
     is_slow,
 )
+from autoscaler.router_loop import DeltaProbe, DeploymentPods, RouterScaler
 from mlfe.clock import FakeClock
+from tests.late_clock import LateClock
 
 UP = RouterReason.SCALE_UP
 OUT = RouterReason.SCALE_OUT
@@ -504,71 +498,6 @@ def test_time_going_backwards_is_an_error() -> None:
         decide(SPEC, sample(5, BUSY), state=state, now=10)
 
 
-# --- cores and CPU -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("cpu_max", "cpus", "expected"),
-    [
-        ("max 100000\n", 8, 8),  # no quota
-        ("200000 100000\n", 8, 2),
-        ("150000 100000\n", 8, 2),  # 1.5 cores: rounded up
-        ("50000 100000\n", 8, 1),
-        ("1000 100000\n", 8, 1),
-        ("800000 100000\n", 4, 4),  # quota above the CPUs it may run on
-        ("400000 200000\n", 8, 2),
-        ("300000\n", 8, 3),  # no period: the kernel's 100000
-        ("", 8, 8),
-        ("garbage here\n", 8, 8),
-        ("-1 100000\n", 8, 8),
-        ("100000 0\n", 8, 8),
-        ("1 2 3\n", 8, 8),
-    ],
-)
-def test_available_cores_from_cgroup(
-    tmp_path: Path, cpu_max: str, cpus: int, expected: int
-) -> None:
-    path = tmp_path / "cpu.max"
-    path.write_text(cpu_max)
-    assert available_cores(path, cpus=cpus) == expected
-
-
-def test_available_cores_without_cgroup_is_the_affinity(tmp_path: Path) -> None:
-    affinity = len(os.sched_getaffinity(0))
-    assert available_cores(tmp_path / "missing") == affinity
-    assert available_cores(tmp_path / "missing", cpus=3) == 3
-    (tmp_path / "cpu.max").write_bytes(b"\xff\xfe")
-    assert available_cores(tmp_path / "cpu.max", cpus=3) == 3
-
-
-def test_available_cores_defaults_to_a_real_answer() -> None:
-    assert available_cores() >= 1
-
-
-def test_cgroup_cpu_seconds(tmp_path: Path) -> None:
-    stat = tmp_path / "cpu.stat"
-    assert cgroup_cpu_seconds(stat) is None
-    stat.write_text("usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n")
-    assert cgroup_cpu_seconds(stat) == 1.5
-    stat.write_text("user_usec 1000000\n")
-    assert cgroup_cpu_seconds(stat) is None
-    stat.write_text("usage_usec lots\n")
-    assert cgroup_cpu_seconds(stat) is None
-
-
-def test_cpu_seconds_source(tmp_path: Path) -> None:
-    stat = tmp_path / "cpu.stat"
-    assert cpu_seconds_source(stat) is time.process_time
-    stat.write_text("usage_usec 2000000\n")
-    read = cpu_seconds_source(stat)
-    assert read() == 2.0
-    stat.write_text("usage_usec 2500000\n")
-    assert read() == 2.5
-    stat.unlink()
-    with pytest.raises(OSError):
-        read()
-
-
 # --- the probe -----------------------------------------------------------------------------
 
 
@@ -646,8 +575,11 @@ class FakeRouter:
     pod_failures_left: int = 0
     worker_calls: list[tuple[float, int]] = field(default_factory=list)
     pod_calls: list[tuple[float, int]] = field(default_factory=list)
+    sampled: list[tuple[float, float]] = field(default_factory=list)  # (now given, clock time)
+    block: asyncio.Event | None = None  # when set, set_workers() waits for it
 
     def sample(self, now: float) -> RouterSample | None:
+        self.sampled.append((now, self.clock.now()))
         if self.broken:
             raise RuntimeError("metrics unavailable")
         if self.silent:
@@ -656,6 +588,8 @@ class FakeRouter:
 
     async def set_workers(self, n: int) -> None:
         self.worker_calls.append((self.clock.now(), n))
+        if self.block is not None:
+            await self.block.wait()
         if self.worker_failures_left:
             self.worker_failures_left -= 1
             raise OSError("cannot fork")
@@ -837,6 +771,31 @@ async def test_loop_period_comes_from_the_spec(make: Make) -> None:
     second = harness.scaler.status()
     assert first is not None and second is not None
     assert (first.at, second.at) == (0, 1)
+
+
+async def test_loop_now_is_the_scheduled_tick_time() -> None:
+    clock = LateClock(late=0.25)  # every wake-up comes a quarter second late
+    router = FakeRouter(clock, signal=SLOW)
+    scaler = RouterScaler(spec=SPEC, probe=router, workers=router, clock=clock)
+    scaler.start()
+    await clock.advance_and_settle(10.5)
+    await scaler.stop()
+    assert router.sampled == [(0, 0), (5, 5.25), (10, 10.25)]
+    status = scaler.status()
+    assert status is not None and (status.at, status.decision.reason) == (10, UP)
+
+
+async def test_a_slow_tick_is_followed_at_once_not_by_a_burst(harness: Harness) -> None:
+    harness.router.signal = SLOW
+    harness.router.block = asyncio.Event()
+    harness.scaler.start()
+    await harness.clock.advance_and_settle(27)  # the set at 10 hangs for 17 s
+    assert [now for now, _ in harness.router.sampled] == [0, 5, 10]
+    assert harness.router.worker_calls == [(10, 2)]
+
+    harness.router.block.set()
+    await harness.clock.advance_and_settle(5)
+    assert [now for now, _ in harness.router.sampled] == [0, 5, 10, 27, 32]
 
 
 async def test_start_twice_is_an_error(harness: Harness) -> None:

@@ -1,10 +1,11 @@
-"""The router's self-scaler: azureml-fe's own scaling (reference §3.5), as a pure decider and a
-small supervised loop.
+"""The router's self-scaler's decider: azureml-fe's own scaling (reference §3.5) as a pure
+function of the samples, the state the caller keeps and ``now``; its loop is
+:mod:`autoscaler.router_loop`.
 
 azureml-fe scales *up* (more cores) when the time it takes to route requests exceeds a threshold,
 *out* (more pods) if routing stays slow, then *down* and *in* on CPU thresholds; it is off on
 dev-test clusters. Here "more cores" is one more router worker process (up to the cores the pod
-may use, :func:`available_cores`) and "more pods" is one more replica of the router's own
+may use, ``deploy.cgroup.available_cores``) and "more pods" is one more replica of the router's own
 Deployment, set through the Kubernetes actuator.
 
 Signals, one :class:`RouterSample` per period (``period_s``, 5 s by default):
@@ -45,110 +46,21 @@ Rules (``now`` is an argument, state is a value the caller keeps; nothing here r
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import logging
 import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
-
-from mlfe.clock import Clock, MonotonicClock
-from mlfe.supervise import Supervisor, TaskFailure
-
-log = logging.getLogger(__name__)
-
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-CGROUP_CPU_STAT = Path("/sys/fs/cgroup/cpu.stat")
 
 # Consecutive samples further apart than this many periods (two or more missed) break a run:
 # what happened in between is unknown.
 MAX_GAP_PERIODS = 2.5
 
 
-# --- cores ---------------------------------------------------------------------------------
-
-
-def available_cores(cpu_max: Path = CGROUP_CPU_MAX, *, cpus: int | None = None) -> int:
-    """The cores this process may use: the cgroup v2 CPU quota (``cpu.max``, quota / period,
-    rounded up) capped by the CPUs it may run on (``cpus``, default ``sched_getaffinity``).
-
-    No quota (``max``), no cgroup v2 file, or one that does not parse: the CPU count alone.
-    """
-    if cpus is None:
-        cpus = _schedulable_cpus()
-    quota = _cgroup_quota_cores(cpu_max)
-    if quota is None:
-        return max(cpus, 1)
-    return max(1, min(cpus, quota))
-
-
-def _schedulable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _cgroup_quota_cores(cpu_max: Path) -> int | None:
-    try:
-        fields = cpu_max.read_text().split()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not fields or fields[0] == "max" or len(fields) > 2:
-        return None
-    try:
-        quota = int(fields[0])
-        period = int(fields[1]) if len(fields) == 2 else 100_000  # the kernel's default
-    except ValueError:
-        return None
-    if quota <= 0 or period <= 0:
-        return None
-    return -(-quota // period)  # ceiling, in integers
-
-
-def cgroup_cpu_seconds(cpu_stat: Path = CGROUP_CPU_STAT) -> float | None:
-    """CPU seconds used by every process of this cgroup (``usage_usec`` of ``cpu.stat``), or
-    None without cgroup v2. In a container that is all the router's workers together."""
-    try:
-        text = cpu_stat.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "usage_usec":
-            try:
-                return int(value) / 1e6
-            except ValueError:
-                return None
-    return None
-
-
-def cpu_seconds_source(cpu_stat: Path = CGROUP_CPU_STAT) -> Callable[[], float]:
-    """A reader of the CPU seconds the router uses: the cgroup's when there is one (it counts
-    every worker process), else this process's own ``time.process_time``."""
-    if cgroup_cpu_seconds(cpu_stat) is None:
-        return time.process_time
-
-    def read() -> float:
-        seconds = cgroup_cpu_seconds(cpu_stat)
-        if seconds is None:
-            raise OSError(f"cannot read {cpu_stat}")
-        return seconds
-
-    return read
-
-
-# --- the decider -----------------------------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
 class RouterScalingSpec:
-    """The self-scaler's settings. ``max_workers`` is the cores available (:func:`available_cores`,
-    or less); ``enabled`` is False when ``cluster_purpose`` is DevTest."""
+    """The self-scaler's settings. ``max_workers`` is the cores available
+    (``deploy.cgroup.available_cores``, or less); ``enabled`` is False when ``cluster_purpose``
+    is DevTest."""
 
     max_workers: int
     enabled: bool = True
@@ -354,238 +266,3 @@ def _held(
             return True
         later = s.at
     return False
-
-
-# --- the loop --------------------------------------------------------------------------------
-
-
-class RouterProbe(Protocol):
-    def sample(self, now: float) -> RouterSample | None:
-        """The period that ends at ``now`` (the loop's clock), or None when there is nothing
-        to report yet (the first call only takes a baseline). In-process; must not block."""
-        ...
-
-
-class WorkerActuator(Protocol):
-    async def set_workers(self, n: int) -> None:
-        """Run ``n`` router workers. Idempotent: the loop may ask for the same count again
-        (it retries each period while the count it asked for is not the sample's)."""
-        ...
-
-
-class PodActuator(Protocol):
-    def may_scale(self) -> bool:
-        """Whether this pod sets the router Deployment's replicas now (the leader's job)."""
-        ...
-
-    async def set_pods(self, n: int) -> None:
-        """Set the router Deployment's replicas to ``n``. Idempotent, like set_workers."""
-        ...
-
-
-class DeploymentActuator(Protocol):
-    """The replica autoscaler's actuator (autoscaler.loop.Actuator; deploy.kube.scaler)."""
-
-    def current(self, service: str) -> int: ...
-
-    async def scale(self, service: str, desired: int) -> None: ...
-
-
-class DeploymentPods:
-    """A :class:`PodActuator` over the replica autoscaler's Kubernetes actuator, with the
-    router's own Deployment registered in it under ``name``."""
-
-    def __init__(
-        self,
-        actuator: DeploymentActuator,
-        name: str,
-        *,
-        may_scale: Callable[[], bool] = lambda: True,
-    ) -> None:
-        self._actuator = actuator
-        self._name = name
-        self._may_scale = may_scale
-
-    def current(self) -> int:
-        """The Deployment's replicas as the actuator last observed or set them."""
-        return self._actuator.current(self._name)
-
-    def may_scale(self) -> bool:
-        return self._may_scale()
-
-    async def set_pods(self, n: int) -> None:
-        await self._actuator.scale(self._name, n)
-
-
-class DeltaProbe:
-    """A :class:`RouterProbe` from cumulative counters, read once per period.
-
-    ``routing`` returns the routing-time histogram's (sum of seconds, count) over all services
-    and workers; ``cpu_seconds`` the CPU time all workers used so far (:func:`cpu_seconds_source`);
-    ``workers`` and ``pods`` the counts asked for now. Counters that go backwards (a service
-    removed) count as a period without requests.
-    """
-
-    def __init__(
-        self,
-        *,
-        routing: Callable[[], tuple[float, int]],
-        cpu_seconds: Callable[[], float],
-        workers: Callable[[], int],
-        pods: Callable[[], int] = lambda: 1,
-    ) -> None:
-        self._routing = routing
-        self._cpu_seconds = cpu_seconds
-        self._workers = workers
-        self._pods = pods
-        self._last: tuple[float, float, int, float] | None = None  # at, sum, count, cpu
-
-    def sample(self, now: float) -> RouterSample | None:
-        routing_sum, count = self._routing()
-        cpu = self._cpu_seconds()
-        workers, pods = self._workers(), self._pods()
-        last, self._last = self._last, (now, routing_sum, count, cpu)
-        if last is None or now <= last[0]:
-            return None
-        at, last_sum, last_count, last_cpu = last
-        requests, spent = count - last_count, routing_sum - last_sum
-        if requests < 0 or spent < 0:
-            requests, spent = 0, 0.0
-        return RouterSample(
-            at=now,
-            routing_time_s=spent / requests if requests else 0.0,
-            requests=requests,
-            cpu_fraction=max(cpu - last_cpu, 0.0) / ((now - at) * workers),
-            workers=workers,
-            pods=pods,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class RouterStatus:
-    """The last tick, for metrics and ``GET /v1/stats``."""
-
-    at: float
-    sample: RouterSample
-    decision: RouterDecision
-
-
-class RouterScaler:
-    """Every ``spec.period_s``: sample the router, decide, and set workers and pods.
-
-    Pods are managed only when the spec allows more than one, there is a pod actuator, and it
-    says this pod may scale (the leader); otherwise the pods count is left as it is. Nothing a
-    tick does ends the loop: a failed sample skips the tick, a failed set is logged and asked
-    again next period (the decision repeats its target during the cooldown).
-    """
-
-    def __init__(
-        self,
-        *,
-        spec: RouterScalingSpec,
-        probe: RouterProbe,
-        workers: WorkerActuator,
-        pods: PodActuator | None = None,
-        clock: Clock | None = None,
-        on_failure: Callable[[TaskFailure], None] | None = None,
-        stop_grace_s: float = 5.0,
-    ) -> None:
-        self._probe = probe
-        self._workers = workers
-        self._pods = pods
-        self._clock = clock or MonotonicClock()
-        self._stop_grace_s = stop_grace_s
-        # on_failure only hears of bugs in the loop itself: tick errors are handled in place.
-        self._supervisor = Supervisor(on_failure=on_failure, clock=self._clock)
-        self._state = RouterScalerState()
-        self._status: RouterStatus | None = None
-        self._running = False
-        self.set_spec(spec)
-
-    @property
-    def spec(self) -> RouterScalingSpec:
-        return self._spec
-
-    def set_spec(self, spec: RouterScalingSpec) -> None:
-        """Use ``spec`` from the next tick on (config reload)."""
-        if spec.manages_pods and self._pods is None:
-            log.warning("Router pods may scale to %d, but there is no pod actuator", spec.max_pods)
-        self._spec = spec
-
-    def status(self) -> RouterStatus | None:
-        return self._status
-
-    def start(self) -> None:
-        """Start ticking; needs a running event loop."""
-        if self._running:
-            raise RuntimeError("router scaler already started")
-        self._running = True
-        self._supervisor.spawn(self._run(), name="router-scaler")
-
-    async def stop(self) -> None:
-        """Cancel the loop, waiting at most ``stop_grace_s`` seconds."""
-        self._running = False
-        await self._supervisor.stop(grace_s=self._stop_grace_s)
-
-    async def _run(self) -> None:
-        next_tick = self._clock.now()
-        while True:
-            await self._tick()
-            # Fixed rate; after a slow tick, go again at once rather than bursting to catch up.
-            next_tick = max(next_tick + self._spec.period_s, self._clock.now())
-            await self._clock.sleep(next_tick - self._clock.now())
-
-    async def _tick(self) -> None:
-        now = self._clock.now()
-        spec = self._spec
-        pods = self._pods
-        try:
-            manage_pods = spec.manages_pods and pods is not None and pods.may_scale()
-            if not manage_pods:
-                spec = dataclasses.replace(spec, min_pods=1, max_pods=1)
-            sample = self._probe.sample(now)
-            if sample is None:
-                return
-            decision, state = decide(spec, sample, state=self._state, now=now)
-        except Exception:
-            log.warning("Router scaler skipped a tick", exc_info=True)
-            return
-        self._state = state
-        self._status = RouterStatus(now, sample, decision)
-        if decision.workers != sample.workers:
-            log.info(
-                "Router workers %d -> %d (%s; routing %.2f ms over %d requests, CPU %.0f%%)",
-                sample.workers,
-                decision.workers,
-                decision.reason,
-                sample.routing_time_s * 1000,
-                sample.requests,
-                sample.cpu_fraction * 100,
-            )
-            try:
-                await self._workers.set_workers(decision.workers)
-            except Exception:
-                log.warning(
-                    "Setting %d router workers failed; retrying next period",
-                    decision.workers,
-                    exc_info=True,
-                )
-        if manage_pods and decision.pods != sample.pods:
-            assert pods is not None
-            log.info(
-                "Router pods %d -> %d (%s; routing %.2f ms over %d requests, CPU %.0f%%)",
-                sample.pods,
-                decision.pods,
-                decision.reason,
-                sample.routing_time_s * 1000,
-                sample.requests,
-                sample.cpu_fraction * 100,
-            )
-            try:
-                await pods.set_pods(decision.pods)
-            except Exception:
-                log.warning(
-                    "Setting %d router pods failed; retrying next period",
-                    decision.pods,
-                    exc_info=True,
-                )
