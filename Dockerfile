@@ -9,6 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY mlfe ./mlfe
 COPY router ./router
 COPY autoscaler ./autoscaler
 COPY deploy ./deploy

@@ -1,6 +1,6 @@
 """How many replicas a service should have: a pure function of its settings, load and ``now``.
 
-azureml-fe's rule (DESIGN §7): utilization = (busy + queued) / (replicas x concurrency), and
+azureml-fe's rule (README, Scaling): utilization = (busy + queued) / (replicas x concurrency), and
 desired = ceil(replicas x utilization / target), clamped to [min, max]. The replica count cancels
 out, so the decider computes ``ceil(demand / (concurrency x target))`` in integers: that is exact
 (21 busy at 70 % needs 30 replicas, where float division says 30.000000000000004 -> 31) and it
@@ -26,7 +26,7 @@ Counts = ServiceStats
 
 @dataclass(frozen=True, slots=True)
 class ScalingSpec:
-    """One service's scaling settings (the ``autoscale_*`` names of DESIGN §4, unprefixed)."""
+    """One service's scaling settings (the ``autoscale_*`` config keys, unprefixed)."""
 
     min_replicas: int = 1
     max_replicas: int = 10

@@ -64,14 +64,16 @@ class AutoscalerLoop:
         actuator: Actuator,
         clock: Clock | None = None,
         on_failure: Callable[[TaskFailure], None] | None = None,
+        supervisor: Supervisor | None = None,
         stop_grace_s: float = 5.0,
     ) -> None:
         self._counts = counts
         self._actuator = actuator
         self._clock = clock or MonotonicClock()
         self._stop_grace_s = stop_grace_s
-        # on_failure only hears of bugs in the loop itself: tick errors are handled in place.
-        self._supervisor = Supervisor(on_failure=on_failure, clock=self._clock)
+        # The process's one supervisor when given (mlfe serve); on_failure only hears of bugs in
+        # the loop itself: tick errors are handled in place.
+        self._supervisor = supervisor or Supervisor(on_failure=on_failure, clock=self._clock)
         self._specs: dict[str, ScalingSpec] = {}
         self._windows: dict[str, ScaleDownWindow] = {}
         self._status: dict[str, ServiceStatus] = {}
@@ -122,8 +124,9 @@ class AutoscalerLoop:
     async def stop(self) -> None:
         """Cancel every service's task, waiting at most ``stop_grace_s`` seconds."""
         self._running = False
+        tasks = list(self._tasks.values())
         self._tasks.clear()
-        await self._supervisor.stop(grace_s=self._stop_grace_s)
+        await self._supervisor.stop_tasks(tasks, grace_s=self._stop_grace_s)
 
     def _spawn(self, name: str) -> None:
         self._tasks[name] = self._supervisor.spawn(self._run(name), name=f"autoscaler:{name}")

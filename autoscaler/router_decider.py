@@ -1,4 +1,4 @@
-"""The router's self-scaler's decider: azureml-fe's own scaling (reference §3.5) as a pure
+"""The router's self-scaler's decider: azureml-fe's own scaling as a pure
 function of the samples, the state the caller keeps and ``now``; its loop is
 :mod:`autoscaler.router_loop`.
 

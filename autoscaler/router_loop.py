@@ -5,6 +5,7 @@ actuators. Ticks come from :func:`autoscaler.ticker.tick_every`: ``now`` is the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -154,6 +155,7 @@ class RouterScaler:
         pods: PodActuator | None = None,
         clock: Clock | None = None,
         on_failure: Callable[[TaskFailure], None] | None = None,
+        supervisor: Supervisor | None = None,
         stop_grace_s: float = 5.0,
     ) -> None:
         self._probe = probe
@@ -161,8 +163,10 @@ class RouterScaler:
         self._pods = pods
         self._clock = clock or MonotonicClock()
         self._stop_grace_s = stop_grace_s
-        # on_failure only hears of bugs in the loop itself: tick errors are handled in place.
-        self._supervisor = Supervisor(on_failure=on_failure, clock=self._clock)
+        # The process's one supervisor when given (mlfe serve); on_failure only hears of bugs in
+        # the loop itself: tick errors are handled in place.
+        self._supervisor = supervisor or Supervisor(on_failure=on_failure, clock=self._clock)
+        self._task: asyncio.Task[None] | None = None
         self._state = RouterScalerState()
         self._status: RouterStatus | None = None
         self._running = False
@@ -186,12 +190,13 @@ class RouterScaler:
         if self._running:
             raise RuntimeError("router scaler already started")
         self._running = True
-        self._supervisor.spawn(self._run(), name="router-scaler")
+        self._task = self._supervisor.spawn(self._run(), name="router-scaler")
 
     async def stop(self) -> None:
         """Cancel the loop, waiting at most ``stop_grace_s`` seconds."""
         self._running = False
-        await self._supervisor.stop(grace_s=self._stop_grace_s)
+        if self._task is not None:
+            await self._supervisor.stop_tasks([self._task], grace_s=self._stop_grace_s)
 
     async def _run(self) -> None:
         await tick_every(self._clock, lambda: self._spec.period_s, self._tick)

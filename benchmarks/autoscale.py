@@ -5,7 +5,7 @@
 `mlfe up --config <generated>` runs the slow example (examples/slow/score.py: run() sleeps
 `--run-ms`, 50 ms) as a local service whose replicas run one request at a time
 (`replica_max_concurrent_requests: 1`, so WORKER_COUNT=1), autoscaled by azureml's rule
-(DESIGN §7). An open-loop load generator on asyncio sockets (benchmarks.common.open_loop_load:
+(README, Scaling). An open-loop load generator on asyncio sockets (benchmarks.common.open_loop_load:
 requests start on a schedule, whether or not earlier ones were answered) offers:
 
     idle (0 req/s) -> step to R, held -> drop to 0 (long enough for the scale-down window)

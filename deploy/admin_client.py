@@ -1,4 +1,4 @@
-"""`mlfe keys|regen-key|token|services|stats|endpoint ...`: the admin client (DESIGN §3, §5).
+"""`mlfe keys|regen-key|token|services|stats|endpoint ...`: the admin API's client.
 
 A thin httpx client over the router's admin API. Every command prints a short human-readable
 answer, or the server's JSON with `--json`. A failure is `mlfe: ...` on stderr and exit status

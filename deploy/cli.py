@@ -7,29 +7,41 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlfe import __version__
+
+DESCRIPTION = """\
+mlfe: an inference router for models, with a co-located autoscaler, that Azure ML (AKS) users
+can move to unchanged. Start with `mlfe up`: it serves the bundled example model and prints a
+scoring URI, a key and a ready-to-paste curl line."""
+
 
 def _add_score_server(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("score-server", help="run the replica inference server")
+    p = sub.add_parser("score-server", help="run one model replica: the inference server that "
+                       "calls your entry script's init() and run()")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--entry-script", help="Python file defining init() and run()")
     model.add_argument("--synthetic", metavar="SPEC",
                        help="a model stand-in for load tests instead of an entry script: JSON or "
-                       "k=v,k=v (latency=lognormal:20:200,concurrency=2,error_rate=0.01,"
-                       "response_bytes=512,init_ms=0,seed=1; see deploy/synthetic.py)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5001)
+                       "k=v,k=v, e.g. latency=lognormal:20:200,concurrency=2,error_rate=0.01,"
+                       "response_bytes=512,init_ms=0,seed=1 (README: load-testing target)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=5001, help="port to listen on (0: any free one)")
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("serve", help="run the router, its local replicas and the autoscaler")
-    p.add_argument("--config", required=True, help="YAML configuration file")
-    p = sub.add_parser("up", help="`serve` with friendly output (default: the bundled example)")
+    p = sub.add_parser("up", help="start here: serve a config (by default the bundled example) "
+                       "and print each scoring URI, key and a curl line to try")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML configuration file")
-    # Started by `serve` when router.workers > 1; not meant to be run by hand.
-    p = sub.add_parser("worker", help=argparse.SUPPRESS)
+    p = sub.add_parser("serve", help="run the router, its local replicas and the autoscaler "
+                       "(what a container runs; like `up` without the friendly output)")
+    p.add_argument("--config", required=True, help="YAML configuration file")
+    # Started by `serve` when router.workers > 1; not meant to be run by hand, so not listed
+    # (argparse shows a sub-command with help=SUPPRESS anyway: leave it out of the listing).
+    p = sub.add_parser("worker")
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "worker"]
     p.add_argument("--config", required=True)
     p.add_argument("--broker", required=True)
     p.add_argument("--member", required=True)
@@ -76,18 +88,19 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub.add_parser(
         "sidecar",
-        help="one service in front of one upstream on the pod's loopback, configured from "
-        "MLFE_* environment variables (see deploy/sidecar.py); no autoscaler",
+        help="run beside a model server in its pod: one service in front of one upstream on "
+        "the pod's loopback, configured from MLFE_* environment variables (README: sidecar)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlfe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mlfe", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"mlfe {__version__}")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
+        type=str.upper, help="how much the router logs (default: INFO)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_score_server(sub)
     _add_sidecar(sub)

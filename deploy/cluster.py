@@ -14,12 +14,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from autoscaler.loop import AutoscalerLoop
+from autoscaler.router_loop import DeploymentPods
+from deploy.scaling import scaling_spec
 from mlfe.clock import MonotonicClock
 from mlfe.config import ConfigError, MlfeConfig
 from mlfe.stats import StatsSource
+from mlfe.supervise import Supervisor
 
 if TYPE_CHECKING:
-    from autoscaler.router_loop import DeploymentPods
     from deploy.kube import (
         EndpointWatcher,
         KubeApi,
@@ -42,8 +44,9 @@ def uses_kubernetes(cfg: MlfeConfig) -> bool:
 
 class Cluster:
     def __init__(self, cfg: MlfeConfig, router: Router, local_counts: StatsSource,
-                 admin_token: str) -> None:
+                 admin_token: str, supervisor: Supervisor) -> None:
         self.cfg = cfg
+        self._supervisor = supervisor
         self._router = router
         self._local_counts = local_counts
         self._admin_token = admin_token
@@ -74,9 +77,11 @@ class Cluster:
         except KubeError as e:
             raise ConfigError(
                 f"services: kubernetes services need the Kubernetes API: {e}") from None
-        self.elector = LeaderElector(self.api, identity=default_identity())
+        self.elector = LeaderElector(self.api, identity=default_identity(),
+                                     supervisor=self._supervisor)
         elector = self.elector
         self.target = KubernetesTarget(self._router.services, self.api,
+                                       supervisor=self._supervisor,
                                        may_scale=lambda: elector.is_leader,
                                        on_external_change=self._adopt)
         self.target.configure(self._router.services, self.cfg.services)
@@ -84,14 +89,14 @@ class Cluster:
         if scaling.max_pods > 1:
             self.target.add_deployment(ROUTER_TARGET, self.api.namespace, scaling.deployment)
         self.peers = PeerCounts(self._local_counts, admin_token=self._admin_token,
-                                self_hosts=[pod_ip()])
-        self._peer_watch = peer_watcher(self.api, self.peers)
+                                self_hosts=[pod_ip()], supervisor=self._supervisor)
+        self._peer_watch = peer_watcher(self.api, self.peers, supervisor=self._supervisor)
         self._peer_watch.start()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SYNC_TIMEOUT_S):
                 await self.target.wait_synced()  # the first tick needs the real counts
         self.elector.start()
-        self._lead = asyncio.get_running_loop().create_task(
+        self._lead = self._supervisor.spawn(
             follow_leadership(self.elector, self._start_scaling, self._stop_scaling),
             name="leadership")
 
@@ -101,20 +106,17 @@ class Cluster:
 
     def router_pods(self) -> DeploymentPods:
         """The router self-scaler's pod actuator: only the leader changes the count."""
-        from autoscaler.router_loop import DeploymentPods
-
+    
         assert self.target is not None and self.elector is not None
         elector = self.elector
         return DeploymentPods(self.target, ROUTER_TARGET, may_scale=lambda: elector.is_leader)
 
     async def _start_scaling(self) -> None:
-        from deploy.runtime import scaling_spec
-
         assert self.peers is not None and self.target is not None
         log.info("leading: scaling the kubernetes services")
         self.peers.start()
         self.autoscaler = AutoscalerLoop(counts=self.peers, actuator=self.target,
-                                         clock=MonotonicClock())
+                                         clock=MonotonicClock(), supervisor=self._supervisor)
         self.autoscaler.set_services({n: scaling_spec(c) for n, c in self.cfg.services.items()
                                       if c.kubernetes is not None})
         self.autoscaler.start()

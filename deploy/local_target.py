@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 
 from mlfe.config import ServiceConfig
+from mlfe.supervise import Supervisor
 from router.admission import Replica
 from router.probe import probe_http
 from router.services import Service
@@ -69,8 +70,10 @@ class LocalReplica:
 
 
 class LocalTarget:
-    def __init__(self, services: dict[str, Service], base_dir: Path) -> None:
+    def __init__(self, services: dict[str, Service], base_dir: Path, supervisor: Supervisor
+                 ) -> None:
         self._services = services  # the router's live services, by name
+        self._supervisor = supervisor
         self._base_dir = base_dir
         self._configs: dict[str, ServiceConfig] = {}
         self._replicas: dict[str, list[LocalReplica]] = {}
@@ -136,14 +139,14 @@ class LocalTarget:
                                       r.replica.in_flight if r.replica else 0))
             for rep in alive[: len(alive) - want]:
                 rep.state = State.STOPPING
-                rep.tasks.append(asyncio.get_running_loop().create_task(
-                    self._stop(rep), name=f"stop {service}:{rep.port}"))
+                rep.tasks.append(self._supervisor.spawn(
+                    self._stop(rep), name=f"stop {service}:{rep.port}", finishable=True))
 
     def _start(self, service: str) -> None:
         rep = LocalReplica(service)
         self._replicas[service].append(rep)
-        rep.task = asyncio.get_running_loop().create_task(
-            self._run(rep), name=f"replica {service}")
+        rep.task = self._supervisor.spawn(
+            self._run(rep), name=f"replica {service}", finishable=True)
 
     # ---- one replica's life ---------------------------------------------------------------------
 
@@ -192,8 +195,8 @@ class LocalTarget:
             start_new_session=True, preexec_fn=_die_with_parent,
         )
         port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        rep.tasks.append(asyncio.get_running_loop().create_task(
-            self._pump(rep, port_found), name=f"output {rep.service}"))
+        rep.tasks.append(self._supervisor.spawn(
+            self._pump(rep, port_found), name=f"output {rep.service}", finishable=True))
         waiter = asyncio.ensure_future(rep.proc.wait())
         done, _ = await asyncio.wait(
             {port_found, waiter}, timeout=cfg.initial_delay_seconds,

@@ -49,7 +49,6 @@ import difflib
 import logging
 import os
 import re
-import signal
 import sys
 import types
 import typing
@@ -61,8 +60,10 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from deploy.lifecycle import ProcessLife
 from deploy.startup import settle_heap
 from mlfe.config import NAME_RE, MlfeConfig, RouterSettings, ServiceConfig, parse_hostport
+from mlfe.supervise import Supervisor
 from router.probe import probe_http
 
 log = logging.getLogger(__name__)
@@ -354,9 +355,10 @@ class Readiness:
 class UpstreamHealth:
     """Probes the upstream in the background; `is_ready` is the router's readiness hook."""
 
-    def __init__(self, host: str, port: int, cfg: ServiceConfig,
+    def __init__(self, host: str, port: int, cfg: ServiceConfig, supervisor: Supervisor,
                  on_change: Callable[[bool], None] = lambda ready: None) -> None:
         self.host, self.port = host, port
+        self._supervisor = supervisor
         self.on_change = on_change
         self.period_s = float(cfg.period_seconds)
         self.timeout_s = float(cfg.timeout_seconds)
@@ -368,7 +370,7 @@ class UpstreamHealth:
         return self.state.ready
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._watch(), name="upstream probe")
+        self._task = self._supervisor.spawn(self._watch(), name="upstream probe")
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -405,23 +407,15 @@ class UpstreamHealth:
 # ---- the process --------------------------------------------------------------------------------
 
 
-async def wait_for_signal() -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 async def serve(settings: SidecarSettings) -> int:
-    """Router + admin API + the upstream probe; on SIGTERM/SIGINT: unready, drain, exit 0."""
+    """Router + admin API + the upstream probe; on SIGTERM/SIGINT: unready, drain, exit 0
+    (1 when a supervised task died)."""
     from router.admin import AdminApi, admin_token
     from router.server import Router
     from router.services import grant_all
 
     cfg = settings.config
-    router = Router(cfg, asyncio.get_running_loop())
-    admin = AdminApi(router, admin_token(cfg.router.state_dir))
+    life = ProcessLife()
     host, port = settings.upstream
 
     def follow(ready: bool) -> None:
@@ -435,17 +429,19 @@ async def serve(settings: SidecarSettings) -> int:
             else:
                 svc.pool.mark_down(replica)
 
-    health = UpstreamHealth(host, port, settings.service_config, follow)
-    router.handler.ready_check = health.is_ready
-    await router.start()
-    await admin.start(*cfg.router.admin_addr)
-    health.start()
-    settle_heap()
-    print(f"mlfe sidecar: scoring on {router.scoring_uri('service/' + settings.service)}"
-          f" -> upstream {host}:{port}; admin on "
-          f"http://{cfg.router.admin_addr[0]}:{admin.port}", flush=True)
+    health = UpstreamHealth(host, port, settings.service_config, life.supervisor, follow)
+    router = Router(cfg, asyncio.get_running_loop(), supervisor=life.supervisor,
+                    ready_check=health.is_ready)
+    admin = AdminApi(router, admin_token(cfg.router.state_dir))
     try:
-        await wait_for_signal()
+        await router.start()
+        await admin.start(*cfg.router.admin_addr)
+        health.start()
+        settle_heap()
+        print(f"mlfe sidecar: scoring on {router.scoring_uri('service/' + settings.service)}"
+              f" -> upstream {host}:{port}; admin on "
+              f"http://{cfg.router.admin_addr[0]}:{admin.port}", flush=True)
+        await life.wait()
     finally:
         log.info("draining (up to %.0f s)", cfg.router.drain_timeout_s)
         if not await router.drain(cfg.router.drain_timeout_s):
@@ -453,7 +449,8 @@ async def serve(settings: SidecarSettings) -> int:
         await health.stop()
         await router.close()
         await admin.close()
-    return 0
+        await life.supervisor.stop()
+    return life.exit_code
 
 
 def run_sidecar(log_level: str = "INFO", environ: Mapping[str, str] | None = None) -> int:

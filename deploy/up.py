@@ -8,19 +8,19 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from deploy.runtime import Runtime
+    from router.server import Router
 
 STATUS_PERIOD_S = 1.0
 # Without a terminal (logs, CI) a status line is printed this often, and only when it changed.
 PLAIN_STATUS_PERIOD_S = 10.0
 
 
-def print_welcome(rt: Runtime) -> None:
-    for name, svc in rt.router.services.items():
-        uri = rt.router.scoring_uri(f"service/{name}")
+def print_welcome(router: Router) -> None:
+    for name, svc in router.services.items():
+        uri = router.scoring_uri(f"service/{name}")
         print(f"\nservice {name}\n  scoring URI: {uri}")
         headers = "-H 'Content-Type: application/json'"
-        keys = rt.router.keys.get(name) if svc.cfg.auth_enabled else None
+        keys = router.keys.get(name) if svc.cfg.auth_enabled else None
         if keys is not None:
             print(f"  key:         {keys[0]}")
             headers += " -H " + shlex.quote(f"Authorization: Bearer {keys[0]}")
@@ -29,9 +29,9 @@ def print_welcome(rt: Runtime) -> None:
     print("\nCtrl-C stops everything.\n", flush=True)
 
 
-def status_line(rt: Runtime, rates: dict[str, float]) -> str:
+def status_line(router: Router, rates: dict[str, float]) -> str:
     parts = []
-    for name, st in rt.router.stats().items():
+    for name, st in router.stats().items():
         desired = st.get("desired", st["replicas"])
         parts.append(
             f"{name}: {st['replicas']}/{desired} replicas, {st['busy']} in flight, "
@@ -40,22 +40,22 @@ def status_line(rt: Runtime, rates: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-async def status_line_loop(rt: Runtime) -> None:
+async def status_line_loop(router: Router) -> None:
     tty = sys.stdout.isatty()
     period = STATUS_PERIOD_S if tty else PLAIN_STATUS_PERIOD_S
     loop = asyncio.get_running_loop()
-    last = {n: s.completed for n, s in rt.router.services.items()}
+    last = {n: s.completed for n, s in router.services.items()}
     last_t = loop.time()
     shown = ""
     while True:
         await asyncio.sleep(period)
         now = loop.time()
         rates = {}
-        for n, s in rt.router.services.items():
+        for n, s in router.services.items():
             rates[n] = (s.completed - last.get(n, 0)) / max(now - last_t, 1e-9)
             last[n] = s.completed
         last_t = now
-        line = status_line(rt, rates)
+        line = status_line(router, rates)
         if tty:
             sys.stdout.write("\r\x1b[2K" + line)
             sys.stdout.flush()

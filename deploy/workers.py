@@ -21,11 +21,12 @@ from pathlib import Path
 import uvloop
 
 from deploy.cgroup import CGROUP_CPU_MAX, available_cores
+from deploy.lifecycle import ProcessLife
 from deploy.local_target import _die_with_parent
 from deploy.startup import load_for_serving, settle_heap
 from mlfe.config import MlfeConfig
-from router.server import Router
-from router.slots import SlotMember
+from mlfe.supervise import Supervisor
+from router.server import Membership, Router
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ def broker_address(cfg: MlfeConfig) -> str:
 
 
 class WorkerPool:
-    def __init__(self, config_path: Path, count: int, broker: str) -> None:
+    def __init__(self, config_path: Path, count: int, broker: str, supervisor: Supervisor
+                 ) -> None:
+        self._supervisor = supervisor
         self._config_path = config_path
         self._broker = broker
         self._count = count
@@ -64,9 +67,9 @@ class WorkerPool:
         return [p.pid for p in self._procs.values() if p.returncode is None]
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for i in range(self._count):
-            self._tasks.append(loop.create_task(self._keep(i), name=f"worker {i}"))
+            self._tasks.append(
+                self._supervisor.spawn(self._keep(i), name=f"worker {i}", finishable=True))
 
     @property
     def count(self) -> int:
@@ -86,9 +89,9 @@ class WorkerPool:
 
     async def set_workers(self, count: int) -> None:
         """More or fewer workers (the router self-scaler's actuator)."""
-        loop = asyncio.get_running_loop()
         for i in range(self._count, count):
-            self._tasks.append(loop.create_task(self._keep(i), name=f"worker {i}"))
+            self._tasks.append(
+                self._supervisor.spawn(self._keep(i), name=f"worker {i}", finishable=True))
         for i in range(count, self._count):
             proc = self._procs.get(i)
             if proc is not None and proc.returncode is None:
@@ -135,33 +138,23 @@ class WorkerPool:
 
 
 async def _worker(cfg: MlfeConfig, broker: str, member_id: str) -> int:
-    from deploy.runtime import wait_for_signal
-
-    loop = asyncio.get_running_loop()
-    router = Router(cfg, loop, coordinated=True, reuse_port=True,
-                    data_file_prefix=f"data-{member_id}")
-
-    def replicas(service: str, addrs: list[str]) -> None:
-        svc = router.services.get(service)
-        if svc is not None:
-            svc.set_replicas(addrs)
-
-    member = SlotMember(router, broker, member_id, on_replicas=replicas,
-                        on_reload=router.reload_state)
-    router.slot_member = member
-    await router.start()
-    settle_heap()
-    task = loop.create_task(member.run(), name="slot member")
+    """One worker process: serve the scoring port (shared through SO_REUSEPORT) as a member of
+    the supervisor's slot broker, until SIGTERM (drain, 0) or a supervised task dies (1)."""
+    life = ProcessLife()
+    router = Router(cfg, asyncio.get_running_loop(), supervisor=life.supervisor,
+                    membership=Membership(broker, member_id, follows_supervisor=True),
+                    reuse_port=True, data_file_prefix=f"data-{member_id}")
     try:
-        await wait_for_signal()
+        await router.start()
+        settle_heap()
+        await life.wait()
     finally:
         await router.drain(cfg.router.drain_timeout_s)
-        member.send_metrics()  # the last counts reach the supervisor before the line closes
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if router.member is not None:
+            router.member.send_metrics()  # the last counts reach the supervisor first
         await router.close()
-    return 0
+        await life.supervisor.stop()
+    return life.exit_code
 
 
 def run_worker(config_path: str, broker: str, member_id: str, log_level: str = "INFO") -> int:

@@ -165,7 +165,9 @@ class RouterSettings(_Model):
         return parse_hostport(self.admin_listen)
 
 
-class KubernetesTarget(_Model):
+class KubernetesDeployment(_Model):
+    """A `kubernetes:` service: its replicas are this Deployment's pods."""
+
     namespace: str
     deployment: str
 
@@ -201,7 +203,7 @@ class ServiceConfig(AuthSettings):
     # Where replicas come from: exactly one of these.
     entry_script: Path | None = None
     upstreams: list[str] | None = None
-    kubernetes: KubernetesTarget | None = None
+    kubernetes: KubernetesDeployment | None = None
     synthetic: SyntheticSpec | None = None  # a model stand-in (deploy/synthetic.py)
     model_dir: Path | None = None
 

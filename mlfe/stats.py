@@ -22,6 +22,7 @@ class ServiceStats:
     max_concurrent: int = 1  # replica_max_concurrent_requests
     slots: int = 0  # replica slots this router instance may use now (all, unless coordinated)
     completed: int = 0  # requests finished, any outcome (cumulative: rates come from deltas)
+    members: int = 0  # replicas known to the router, in rotation or not
 
     def __post_init__(self) -> None:
         if self.busy < 0 or self.queued < 0 or self.replicas < 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Set
+from collections.abc import Callable, Coroutine, Iterable, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +76,13 @@ class Supervisor:
         Returns the tasks that are still running (they swallowed the cancellation or are stuck
         in cleanup); each is logged. ``grace_s=None`` waits for as long as it takes.
         """
-        tasks = set(self._tasks)
+        return await self.stop_tasks(self._tasks, grace_s=grace_s)
+
+    async def stop_tasks(
+        self, tasks: Iterable[asyncio.Task[None]], *, grace_s: float | None = 5.0
+    ) -> set[asyncio.Task[None]]:
+        """Like :meth:`stop`, for some of the tasks only (a part of the process stopping)."""
+        tasks = set(tasks)
         for task in tasks:
             task.cancel()
         pending = await self._wait(tasks, grace_s)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,8 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from router.services import Service
+from mlfe.stats import StatsSource
 
 # Seconds. Scoring latency spans sub-millisecond to a minute (scoring_timeout_ms).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -127,32 +126,28 @@ def _labelled_histogram(name: str, doc: str, per_service: Iterable[tuple[str, Hi
     return fam
 
 
-def _own_metrics(svc: Service) -> ServiceMetrics:
-    m: ServiceMetrics = svc.metrics
-    return m
-
-
 class RouterCollector(Collector):
-    """Reads the live router when scraped. `services` returns the current services; `scaling`
-    what the autoscaler last decided per service; `extra` more families (data collection)."""
+    """Reads the live router when scraped: ``names`` the current services, ``metrics_of`` a
+    service's counters, ``stats`` its live counts (mlfe/stats.py), ``scaling`` what the
+    autoscaler last decided for it; ``extra`` more families (data collection)."""
 
     def __init__(
         self,
-        services: Callable[[], Mapping[str, Service]],
+        names: Callable[[], Iterable[str]],
+        metrics_of: Callable[[str], ServiceMetrics],
+        stats: StatsSource,
         scaling: Callable[[str], Mapping[str, Any]],
         extra: Callable[[], Iterable[Metric]] = lambda: (),
-        metrics_of: Callable[[Service], ServiceMetrics] | None = None,
-        counts_of: Callable[[str], tuple[int, int]] | None = None,
     ) -> None:
-        self._services = services
+        self._names = names
+        self._metrics_of = metrics_of
+        self._stats = stats
         self._scaling = scaling
         self._extra = extra
-        self._metrics_of: Callable[[Service], ServiceMetrics] = metrics_of or _own_metrics
-        self._counts_of = counts_of
 
     def collect(self) -> Iterator[Metric]:
-        services = dict(self._services())
-        named = [(n, self._metrics_of(s)) for n, s in services.items()]
+        names = list(self._names())
+        named = [(n, self._metrics_of(n)) for n in names]
         with_unrouted = [*named, ("", UNROUTED)]
 
         requests = CounterMetricFamily(
@@ -200,19 +195,15 @@ class RouterCollector(Collector):
         utilization = GaugeMetricFamily(
             "mlfe_utilization", "(busy + queued) / (ready replicas x per-replica cap).",
             labels=["service"])
-        for name, svc in services.items():
-            pool = svc.pool
-            busy, waiting = (pool.busy, pool.queued) if self._counts_of is None else (
-                self._counts_of(name))
-            in_flight.add_metric([name], busy)
-            queued.add_metric([name], waiting)
-            ready = pool.ready
-            replicas.add_metric([name, "ready"], ready)
+        for name in names:
+            st = self._stats.counts(name)
+            in_flight.add_metric([name], st.busy)
+            queued.add_metric([name], st.queued)
+            replicas.add_metric([name, "ready"], st.replicas)
             scaling = self._scaling(name)
-            replicas.add_metric([name, "current"], scaling.get("current", len(pool.replicas)))
-            replicas.add_metric([name, "desired"], scaling.get("desired", len(pool.replicas)))
-            capacity = ready * pool.max_concurrent
-            if capacity:
-                utilization.add_metric([name], (busy + waiting) / capacity)
+            replicas.add_metric([name, "current"], scaling.get("current", st.members))
+            replicas.add_metric([name, "desired"], scaling.get("desired", st.members))
+            if st.utilization is not None:
+                utilization.add_metric([name], st.utilization)
         yield from (in_flight, queued, replicas, utilization)
         yield from self._extra()

@@ -28,7 +28,9 @@ from router.traffic import pick_version
 from router.upstream import ReplicaConnections, UpstreamConnection, UpstreamFailure
 
 if TYPE_CHECKING:
-    from router.services import Service
+    from router.services import Endpoint, Service
+
+    ScoringRoute = Route[Service, Endpoint]
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,10 @@ class ScoringHandler:
         access_log: AccessLog | None = None,
         collector: DataCollector | None = None,
     ) -> None:
-        self._loop = loop
+        self.loop = loop
         self.collector = collector
         self.access_log = access_log or AccessLog(None)
-        self.routes: dict[bytes, Route] = routing.build_routes({})
+        self.routes: dict[bytes, ScoringRoute] = routing.build_routes({})
         self.endpoint_names: frozenset[str] = frozenset()
         self.rand = random.random
         self.draining = False
@@ -195,12 +197,12 @@ class ScoringHandler:
             + b" HTTP/1.1\r\nhost: ",
             b"".join(parts),
             ids,
+            rid_text,
+            client_id,
+            version,
+            t0,
+            t_auth,
         )
-        fwd.rid = rid_text
-        fwd.client_id = client_id
-        fwd.version = version
-        fwd.t0 = t0
-        fwd.t_auth = t_auth
         fwd.admit()
 
     def _early(
@@ -210,7 +212,7 @@ class ScoringHandler:
         ids: bytes,
         rid: str,
         t0: float,
-        route: Route | None = None,
+        route: ScoringRoute | None = None,
         client_id: bytes | None = None,
     ) -> None:
         """A request refused before admission (404, 405, 401): answered, counted, logged.
@@ -261,11 +263,11 @@ class ScoringHandler:
         if svc.expiry is None:
             deadline = svc.pool.next_deadline()
             if deadline is not None:
-                svc.expiry = self._loop.call_at(deadline, self._expire, svc)
+                svc.expiry = self.loop.call_at(deadline, self._expire, svc)
 
     def _expire(self, svc: Service) -> None:
         svc.expiry = None
-        for waiter in svc.pool.expire(self._loop.time()):
+        for waiter in svc.pool.expire(self.loop.time()):
             waiter.expire()
         self.schedule_expiry(svc)
 
@@ -311,6 +313,11 @@ class Forward:
         request_line: bytes,
         head_tail: bytes,
         ids: bytes,
+        rid: str,
+        client_id: bytes | None,
+        version: str,
+        t0: float,
+        t_auth: float,
     ) -> None:
         self._handler = handler
         self.ex = ex
@@ -329,12 +336,14 @@ class Forward:
         self._retried = False
         self._replay: list[bytes] | None = []
         self._replay_bytes = 0
-        self.t_start = handler._loop.time()  # admission's clock (the loop's)
+        self.t_start = handler.loop.time()  # admission's clock (the loop's)
         # Measured on perf_counter (the loop's time is cached per iteration).
-        self.t0 = self.t_auth = self.t_dispatch = self.t_upstream_end = 0.0
-        self.rid = ""
-        self.client_id: bytes | None = None
-        self.version = ""
+        self.t0 = t0
+        self.t_auth = t_auth
+        self.t_dispatch = self.t_upstream_end = 0.0
+        self.rid = rid
+        self.client_id = client_id
+        self.version = version
         self.failure: str | None = None
         self._capture: Capture | None = None
         if svc.cfg.collect_model_data and handler.collector is not None:
@@ -372,7 +381,7 @@ class Forward:
     def _dispatch(self, replica: Replica) -> None:
         self._replica = replica
         self.t_dispatch = perf_counter()
-        loop = self._handler._loop
+        loop = self._handler.loop
         self._timer = loop.call_later(self._svc.timeout_s, self._on_timeout)
         conns = replica.conns
         assert isinstance(conns, ReplicaConnections)
@@ -540,7 +549,7 @@ class Forward:
         self._retried = True
         self._state = _CONNECTING
         self.ex.pause_body()  # body bytes wait in the client socket until the new connection
-        loop = self._handler._loop
+        loop = self._handler.loop
         conns = self._replica.conns
         assert isinstance(conns, ReplicaConnections)
         loop.create_task(conns.connect(loop)).add_done_callback(self._connected)

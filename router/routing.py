@@ -7,15 +7,25 @@ routes or the new ones, never half of a change.
 from __future__ import annotations
 
 import re
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Any, Generic, Protocol, TypeVar
 
 from router import errors
 
-if TYPE_CHECKING:
-    from router.services import Endpoint, Service
+# What a route points at (router.services.Service and Endpoint): generic, so that this pure
+# table depends on no live-state module.
+S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
+
+
+class Versions(Protocol[S_co]):
+    @property
+    def services(self) -> Mapping[str, S_co]: ...
+
+
+E = TypeVar("E", bound=Versions[Any])
 
 
 class RouteKind(Enum):
@@ -31,10 +41,10 @@ SWAGGER_METHODS = frozenset({b"GET"})
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
+class Route(Generic[S, E]):
     kind: RouteKind
-    service: Service | None = None
-    endpoint: Endpoint | None = None
+    service: S | None = None
+    endpoint: E | None = None
     version: str | None = None  # pinned by the URL
     upstream_path: bytes = b""
     methods: frozenset[bytes] = frozenset()
@@ -42,16 +52,16 @@ class Route:
     auth: bool = True
 
 
-_HEALTH_ROUTES = {
+_HEALTH_ROUTES: dict[bytes, Route[Any, Any]] = {
     b"/-/healthy": Route(RouteKind.HEALTHY, methods=frozenset({b"GET", b"HEAD"}), allow=b"GET"),
     b"/-/ready": Route(RouteKind.READY, methods=frozenset({b"GET", b"HEAD"}), allow=b"GET"),
 }
 
 
 def build_routes(
-    services: dict[str, Service], endpoints: dict[str, Endpoint] | None = None
-) -> dict[bytes, Route]:
-    routes = dict(_HEALTH_ROUTES)
+    services: Mapping[str, S], endpoints: Mapping[str, E] | None = None
+) -> dict[bytes, Route[S, E]]:
+    routes: dict[bytes, Route[S, E]] = dict(_HEALTH_ROUTES)
     for name, ep in (endpoints or {}).items():
         base = f"/api/v1/endpoint/{name}".encode()
         allow = b"GET, POST, OPTIONS"

@@ -8,10 +8,10 @@ carries `Connection: close`) under `drain_timeout_s`, then whatever remains is c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from mlfe.config import AuthSettings, ConfigError, MlfeConfig, parse_config
+from mlfe.stats import ServiceStats
+from mlfe.supervise import Supervisor
 from router.accesslog import AccessLog
 from router.auth import Credentials, KeyAuth, NoAuth
 from router.datacollect import DataCollector
@@ -27,8 +29,8 @@ from router.keystore import KeyStore, atomic_write
 from router.metrics import RouterCollector, ServiceMetrics
 from router.proxy import ScoringHandler
 from router.routing import build_routes
-from router.services import Endpoint, Service
-from router.slots import SlotMember
+from router.services import Endpoint, Service, ServiceLinks
+from router.slots import BrokerServer, SlotMember
 from router.tls import TlsReloader
 from router.tokens import ExternalJwks, SigningKeys, TokenAuth, TokenAuthority, TokenVerifier
 
@@ -80,18 +82,52 @@ def with_persisted_endpoints(cfg: MlfeConfig) -> MlfeConfig:
     return parse_config(data, str(path))
 
 
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """This router shares replica slots with others through the slot broker at ``address``
+    (docs/coordinated-admission.md). ``follows_supervisor``: a worker process, whose replica
+    sets and state reloads come from its supervisor through the broker."""
+
+    address: str
+    member_id: str
+    follows_supervisor: bool = False
+
+
+def _no_scaling(name: str) -> Mapping[str, Any]:
+    return {}
+
+
 class Router:
+    """The scoring side of one process: services, endpoints, the listener and its drain.
+
+    Everything it is connected to is given here, once: ``supervisor`` runs its long-lived tasks;
+    ``workers`` (a worker supervisor) is the broker its worker processes report through, whose
+    sums are this router's counts; ``membership`` makes it a slot broker member; ``scaling``
+    tells what the autoscaler last decided per service; ``on_change`` hears of every persisted
+    admin change (keys, endpoints); ``ready_check`` is more readiness (the sidecar follows its
+    model's liveness).
+    """
+
     def __init__(
         self,
         cfg: MlfeConfig,
         loop: asyncio.AbstractEventLoop,
-        coordinated: bool = False,
+        *,
+        supervisor: Supervisor,
+        workers: BrokerServer | None = None,
+        membership: Membership | None = None,
+        scaling: Callable[[str], Mapping[str, Any]] = _no_scaling,
+        on_change: Callable[[], None] | None = None,
+        ready_check: Callable[[], bool] | None = None,
         reuse_port: bool = False,
         data_file_prefix: str = "data",
     ) -> None:
         cfg = with_persisted_endpoints(cfg)
         self.cfg = cfg
         self._loop = loop
+        self._supervisor = supervisor
+        self._workers = workers
+        self._scaling = scaling
         self.collector = DataCollector(cfg.router.data_dir or cfg.router.state_dir / "modeldata",
                                        file_prefix=data_file_prefix)
         self.handler = ScoringHandler(
@@ -99,6 +135,8 @@ class Router:
             AccessLog(sys.stdout.buffer if cfg.router.access_log else None, cfg.router.log_format),
             self.collector,
         )
+        if ready_check is not None:
+            self.handler.ready_check = ready_check
         self.keys = KeyStore(cfg.router.state_dir)
         self.authority = TokenAuthority(
             SigningKeys(cfg.router.state_dir), lifetime_s=cfg.router.token_lifetime_s
@@ -114,34 +152,66 @@ class Router:
                 self.tls = TlsReloader(cfg.router.tls.cert_file, cfg.router.tls.key_file)
             except ValueError as e:
                 raise ConfigError(f"router.tls: {e}") from None
-        self._tls_watch: asyncio.Task[None] | None = None
-        # Shares replica slots with other routers (worker processes or pods).
-        self.coordinated = coordinated or cfg.router.coordination is not None
         self._reuse_port = reuse_port
-        self.slot_member: SlotMember | None = None
-        # Called after an admin change (keys, endpoints) is persisted: workers reload.
-        self.on_change: Callable[[], None] = lambda: None
+        self.member: SlotMember | None = None
+        if membership is not None:
+            follow = membership.follows_supervisor
+            self.member = SlotMember(
+                lambda: self.services, membership.address, membership.member_id, supervisor,
+                on_replicas=self._set_replicas if follow else None,
+                on_reload=self.reload_state if follow else None)
+        self._links = ServiceLinks(
+            supervisor,
+            on_release=self.member.replica_released if self.member is not None else None,
+            workers=workers,
+            coordinated=workers is not None or membership is not None,
+        )
+        if on_change is None and workers is not None:
+            on_change = workers.push_reload  # the workers take the change from the state dir
+        self._on_change = on_change or (lambda: None)
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._limits = limits_from(cfg)
         self._connections = ConnectionSet()
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
-        # What the co-located autoscaler last decided, per service (set by the runtime).
-        self.scaling_status: Callable[[str], dict[str, Any]] = lambda name: {}
-        # busy and queued of a service: this process's pools, or (a worker supervisor) the
-        # sums its workers report.
-        self.counts_of: Callable[[str], tuple[int, int]] = self._local_counts
-        # More metric families from parts outside the router (data collection).
-        self.extra_metrics: Callable[[], Iterable[Metric]] = self._collector_metrics
         self.metrics = CollectorRegistry(auto_describe=False)
-        # A worker supervisor reads its workers' counters instead of its own (set by runtime).
-        self.metrics_of: Callable[[Service], ServiceMetrics] = lambda svc: svc.metrics
         self.metrics.register(RouterCollector(
-            lambda: self.services, lambda name: self.scaling_status(name),
-            lambda: self.extra_metrics(), lambda svc: self.metrics_of(svc),
-            lambda name: self.counts_of(name)))
+            lambda: list(self.services), self.service_metrics, self, self._scaling,
+            self._collector_metrics))
+
+    # ---- the one way to read this router's counts (mlfe/stats.py) ----------------------------
+
+    def counts(self, service: str) -> ServiceStats:
+        """``service``'s counts: this process's pool, or in a worker supervisor the sums its
+        workers report (the replicas are the supervisor's own)."""
+        svc = self.services[service]
+        pool = svc.pool
+        busy, queued = pool.busy, pool.queued
+        if self._workers is not None:
+            totals = self._workers.totals(service)
+            busy, queued = totals["busy"], totals["queued"]
+        return ServiceStats(
+            busy=busy,
+            queued=queued,
+            replicas=pool.ready,
+            max_concurrent=pool.max_concurrent,
+            slots=sum(r.cap for r in pool.replicas if r.in_rotation),
+            completed=svc.completed,
+            members=len(pool.replicas),
+        )
+
+    def service_metrics(self, service: str) -> ServiceMetrics:
+        """``service``'s counters: its own, or in a worker supervisor its workers' sums."""
+        if self._workers is not None:
+            return self._workers.metrics(service)
+        return self.services[service].metrics
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """``GET /v1/stats``: per service, its counts and what the autoscaler decided."""
+        return {name: {**self.counts(name).to_json(), **self._scaling(name)}
+                for name in self.services}
 
     def _auth_for(self, name: str, owner: AuthSettings) -> Credentials:
         if owner.token_auth_enabled:
@@ -157,7 +227,13 @@ class Router:
             svc.auth = self._auth_for(name, svc.cfg)
         elif name in self.endpoints:
             self._build_endpoints(self.cfg)
-        self.on_change()
+        self._on_change()
+
+    def _set_replicas(self, service: str, addrs: list[str]) -> None:
+        """A worker's replica set, as its supervisor pushed it."""
+        svc = self.services.get(service)
+        if svc is not None:
+            svc.set_replicas(addrs)
 
     def reload_state(self) -> None:
         """Another process changed keys or endpoints in the shared state dir: take them."""
@@ -183,8 +259,7 @@ class Router:
             auth = self._auth_for(name, scfg)
             svc = services.get(name)
             if svc is None:
-                svc = services[name] = Service(name, scfg, auth, coordinated=self.coordinated)
-                svc.slot_member = self.slot_member
+                svc = services[name] = Service(name, scfg, auth, self._links)
             else:
                 svc.reconfigure(scfg, auth)
             if scfg.upstreams is not None:
@@ -205,31 +280,7 @@ class Router:
             orjson.dumps(endpoints, option=orjson.OPT_INDENT_2),
         )
         self.apply(new)
-        self.on_change()
-
-    def _local_counts(self, name: str) -> tuple[int, int]:
-        pool = self.services[name].pool
-        return pool.busy, pool.queued
-
-    def stats(self) -> dict[str, dict[str, Any]]:
-        """Per service: what the autoscaler reads (DESIGN §7), plus what it decided."""
-        out: dict[str, dict[str, Any]] = {}
-        for name, svc in self.services.items():
-            pool = svc.pool
-            ready = pool.ready
-            capacity = ready * pool.max_concurrent
-            busy, queued = self.counts_of(name)
-            out[name] = {
-                "replicas": ready,
-                "busy": busy,
-                "queued": queued,
-                "utilization": (busy + queued) / capacity if capacity else None,
-                "completed": svc.completed,
-                # Slots this instance may use (all of them, unless coordinated).
-                "slots": sum(r.cap for r in pool.replicas if r.in_rotation),
-                **self.scaling_status(name),
-            }
-        return out
+        self._on_change()
 
     @property
     def base_url(self) -> str:
@@ -269,6 +320,8 @@ class Router:
         self.collector.start()
         await self.tokens.refresh_all()
         self.apply(self.cfg)
+        if self.member is not None:
+            self._tasks.append(self._supervisor.spawn(self.member.run(), name="slot member"))
         host, port = self.cfg.router.listen_addr
         if not listen:
             self.port = port
@@ -286,10 +339,10 @@ class Router:
             ssl_handshake_timeout=min(10.0, limits.header_timeout_s) if self.tls else None,
         )
         if self.tls is not None:
-            self._tls_watch = loop.create_task(self.tls.watch(), name="tls reload")
+            self._tasks.append(self._supervisor.spawn(self.tls.watch(), name="tls reload"))
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
-        self._sweeper = loop.create_task(self._sweep(), name="client timeout sweeper")
+        self._tasks.append(self._supervisor.spawn(self._sweep(), name="client timeout sweeper"))
         log.info("scoring on http://%s:%d", host, self.port)
 
     async def _sweep(self) -> None:
@@ -323,11 +376,8 @@ class Router:
         return done
 
     async def close(self) -> None:
-        for task in (self._sweeper, self._tls_watch):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._supervisor.stop_tasks(self._tasks)
+        self._tasks.clear()
         for svc in self.services.values():
             svc.close()
         await self.tokens.aclose()

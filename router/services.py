@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 from mlfe.config import EndpointConfig, ServiceConfig, parse_hostport
+from mlfe.supervise import Supervisor
 from router.admission import Handoff, Replica, ServicePool
 from router.auth import Credentials
 from router.metrics import ServiceMetrics
 from router.probe import probe_http
 from router.traffic import build_split
 from router.upstream import ReplicaConnections
-
-if TYPE_CHECKING:
-    from router.slots import SlotMember
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +33,32 @@ def grant_all(handoffs: Iterable[Handoff]) -> None:
         waiter.grant(replica)
 
 
+class WorkerRequests(Protocol):
+    """Where a worker supervisor's requests really are: in its worker processes, which report
+    through the slot broker (router.slots.BrokerServer)."""
+
+    def push_replicas(self, service: str, addrs: Iterable[str]) -> None: ...
+
+    async def wait_drained(self, service: str, addr: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceLinks:
+    """What a service is connected to, given when it is built.
+
+    ``supervisor`` runs its probe tasks; ``on_release`` hears of every finished request (the
+    slot member gives slots back to the broker); ``workers`` is set in a worker supervisor, whose
+    replica sets its workers follow and whose drains wait for its workers' requests."""
+
+    supervisor: Supervisor
+    on_release: Callable[[Service, Replica], None] | None = None
+    workers: WorkerRequests | None = None
+    coordinated: bool = False  # replica slots are lent by a slot broker
+
+
 class Service:
-    def __init__(
-        self, name: str, cfg: ServiceConfig, auth: Credentials, coordinated: bool = False
-    ) -> None:
+    def __init__(self, name: str, cfg: ServiceConfig, auth: Credentials, links: ServiceLinks
+                 ) -> None:
         self.name = name
         self.cfg = cfg
         self.auth = auth
@@ -45,14 +66,9 @@ class Service:
             max_concurrent=cfg.replica_max_concurrent_requests,
             max_wait_s=cfg.max_request_wait_time / 1000,
             max_queue=cfg.max_queue_length,
-            coordinated=coordinated,
+            coordinated=links.coordinated,
         )
-        # Set when this router shares replicas with others through the slot broker.
-        self.slot_member: SlotMember | None = None
-        # Set in a worker supervisor: waits until no worker has requests on a replica.
-        self.remote_drained: Callable[[str], Awaitable[None]] | None = None
-        # Called when the replica set changes (a worker supervisor tells its workers).
-        self.on_replicas_changed: Callable[[Service], None] = lambda svc: None
+        self._links = links
         self.draining: set[Replica] = set()  # removed, with requests still in flight
         self.timeout_s = cfg.scoring_timeout_ms / 1000
         self._probes: dict[Replica, asyncio.Task[None]] = {}
@@ -90,7 +106,7 @@ class Service:
         host, port = parse_hostport(addr)
         replica, handoffs = self.pool.add(addr, ReplicaConnections(host, port))
         grant_all(handoffs)
-        self.on_replicas_changed(self)
+        self._replicas_changed()
         return replica
 
     def remove_replica(self, replica: Replica) -> None:
@@ -104,25 +120,29 @@ class Service:
             task.cancel()
         if replica.in_flight:
             self.draining.add(replica)
-        self.on_replicas_changed(self)
+        self._replicas_changed()
+
+    def _replicas_changed(self) -> None:
+        workers = self._links.workers
+        if workers is not None:
+            workers.push_replicas(self.name, [r.addr for r in self.pool.replicas])
 
     async def drain_replica(self, replica: Replica) -> None:
         """Remove `replica` and return once its in-flight requests have finished."""
         self.remove_replica(replica)
-        if self.remote_drained is not None:
-            await self.remote_drained(replica.addr)  # the requests are in worker processes
+        workers = self._links.workers
+        if workers is not None:
+            await workers.wait_drained(self.name, replica.addr)  # requests are in the workers
         elif replica.in_flight:
             fut = self._drained.setdefault(replica, asyncio.get_running_loop().create_future())
             await asyncio.shield(fut)
 
-    def grant_handoffs(self, handoffs: Iterable[Handoff]) -> None:
-        grant_all(handoffs)
-
     def release(self, replica: Replica) -> None:
         """A request on `replica` is over: its slot goes to the next waiter, if any."""
         handoff = self.pool.release(replica)
-        if self.slot_member is not None:
-            self.slot_member.replica_released(self, replica)
+        on_release = self._links.on_release
+        if on_release is not None:
+            on_release(self, replica)
         if handoff is not None:
             handoff[0].grant(handoff[1])
         elif replica.removed and not replica.in_flight:
@@ -140,8 +160,9 @@ class Service:
         log.warning("service %s: replica %s failed; out of rotation", self.name, replica.addr)
         self.pool.mark_down(replica)
         if replica not in self._probes:
-            self._probes[replica] = asyncio.get_running_loop().create_task(
-                self._probe_back(replica), name=f"probe {self.name} {replica.addr}"
+            self._probes[replica] = self._links.supervisor.spawn(
+                self._probe_back(replica), name=f"probe {self.name} {replica.addr}",
+                finishable=True,
             )
 
     async def _probe_back(self, replica: Replica) -> None:

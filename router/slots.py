@@ -20,19 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
+from mlfe.supervise import Supervisor
+from router.admission import Replica
 from router.coordination import SetSlots, SlotBroker
 from router.metrics import ServiceMetrics
-
-if TYPE_CHECKING:
-    from router.admission import Replica
-    from router.server import Router
-    from router.services import Service
+from router.services import Service, grant_all
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +203,12 @@ class BrokerServer:
 class SlotMember:
     """Runs in a router instance: applies grants to its pools and reports its demand."""
 
-    def __init__(self, router: Router, address: str, member_id: str,
+    def __init__(self, services: Callable[[], Mapping[str, Service]], address: str,
+                 member_id: str, supervisor: Supervisor,
                  on_replicas: Callable[[str, list[str]], None] | None = None,
                  on_reload: Callable[[], None] | None = None) -> None:
-        self._router = router
+        self._services = services
+        self._supervisor = supervisor
         self._address = address
         self.member_id = member_id
         self._on_replicas = on_replicas
@@ -246,7 +246,7 @@ class SlotMember:
             writer.write(_line({"op": "hello", "member": self.member_id}))
             self._report(with_holding=True)
             self.connected.set()
-            reporter = asyncio.create_task(self._report_loop(), name="slot reports")
+            reporter = self._supervisor.spawn(self._report_loop(), name="slot reports")
             try:
                 async for raw in reader:
                     self._apply(orjson.loads(raw))
@@ -282,11 +282,11 @@ class SlotMember:
 
     def send_metrics(self) -> None:
         """The counters of every service (each heartbeat, and once more when draining ends)."""
-        for name, svc in self._router.services.items():
+        for name, svc in self._services().items():
             self._write({"op": "metrics", "service": name, "metrics": svc.metrics.snapshot()})
 
     def _report(self, with_holding: bool = False, force: bool = False) -> None:
-        for name, svc in self._router.services.items():
+        for name, svc in self._services().items():
             pool = svc.pool
             demand = pool.busy + pool.queued
             # Every replica in the pool, in rotation or not: a replica briefly out of rotation
@@ -308,7 +308,7 @@ class SlotMember:
     def _apply(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "set":
-            svc = self._router.services.get(msg["service"])
+            svc = self._services().get(msg["service"])
             if svc is None:
                 return
             addr, slots = msg["replica"], int(msg["slots"])
@@ -319,7 +319,7 @@ class SlotMember:
                              "slots": 0})
                 return
             lowering = slots < replica.cap
-            svc.grant_handoffs(svc.pool.set_cap(replica, slots))
+            grant_all(svc.pool.set_cap(replica, slots))
             if not lowering:
                 self._lowered.pop((svc.name, addr), None)
             else:

@@ -6,7 +6,7 @@ Issued tokens (`POST /v1/services/{name}/token` on the admin API)
     "kid": <RFC 7638 thumbprint>}`; claims `iss` (configurable, default "mlfe"), `aud` (the
     service or endpoint name the token is for), `iat`, `exp`. Lifetime 1 hour; `refreshAfter` is
     at half the lifetime, so a client that refreshes late still has 30 minutes of slack (azureml
-    does not document its own split; see reference §4.2). The response is azureml's
+    does not document its own split). The response is azureml's
     `AksServiceAccessToken` shape: `{"accessToken", "tokenType": "Bearer", "refreshAfter",
     "expiryOn"}`, times in epoch seconds.
 
@@ -464,9 +464,6 @@ class TokenVerifier:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     def check(self, authorization: bytes | None, audience: str, now: float | None = None) -> bool:
         """True iff `authorization` is `Bearer <jwt>` valid for `audience` at `now`."""

@@ -15,8 +15,9 @@ from deploy.kube.api import Backoff, KubeApi
 from deploy.kube.discovery import EndpointWatcher, ready_addresses
 from deploy.kube.target import KubernetesTarget
 from mlfe.config import parse_config
+from mlfe.supervise import Supervisor
 from router.auth import NoAuth
-from router.services import Service
+from router.services import Service, ServiceLinks
 from tests.fake_kube_api import (
     FakeKubeApi,
     WatchedClock,
@@ -278,7 +279,7 @@ async def test_target_feeds_the_router_service(fake: FakeKubeApi, api: KubeApi) 
         "iris": {"kubernetes": {"namespace": NS, "deployment": "iris"}, "auth_enabled": False},
         "local": {"upstreams": ["127.0.0.1:5001"], "auth_enabled": False},
     }})
-    services = {"iris": Service("iris", cfg.services["iris"], NoAuth())}
+    services = {"iris": Service("iris", cfg.services["iris"], NoAuth(), ServiceLinks(Supervisor()))}
     fake.put_deployment(NS, "iris", replicas=2)
     fake.put_slice(NS, "iris-a", "iris", [ep("192.0.2.1"), ep("192.0.2.2")])
     target = KubernetesTarget(services, api, clock=WatchedClock())
@@ -292,7 +293,7 @@ async def test_target_feeds_the_router_service(fake: FakeKubeApi, api: KubeApi) 
         await until(lambda: sorted(r.addr for r in pool.replicas)
                     == ["192.0.2.2:8000", "192.0.2.3:8000"])
         # A reload that brings a new Service object gets the current set at once.
-        services2 = {"iris": Service("iris", cfg.services["iris"], NoAuth())}
+        services2 = {"iris": Service("iris", cfg.services["iris"], NoAuth(), ServiceLinks(Supervisor()))}
         target.configure(services2, cfg.services)
         assert sorted(r.addr for r in services2["iris"].pool.replicas) == [
             "192.0.2.2:8000", "192.0.2.3:8000"]

@@ -1,6 +1,6 @@
 """The scoring path end to end: a real `mlfe serve` in front of real `mlfe score-server` replicas.
 
-Covers every status code of DESIGN §2 with its body and headers, the per-replica cap under 200
+Covers every status code of README's "What the router does" with its body and headers, the per-replica cap under 200
 concurrent clients, FIFO order out of the queue, a queued client that disconnects, and a
 graceful drain. Waits poll the router's own /v1/stats with a deadline; nothing sleeps.
 """

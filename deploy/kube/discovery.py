@@ -23,6 +23,7 @@ from typing import Any
 
 from deploy.kube.api import Backoff, Gone, KubeApi, KubeError, StreamDropped, WatchEvent
 from mlfe.clock import Clock, MonotonicClock
+from mlfe.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class EndpointWatcher:
         *,
         port: str | int = "http",
         clock: Clock | None = None,
+        supervisor: Supervisor | None = None,
         backoff: Backoff | None = None,
         watch_timeout_s: float = WATCH_TIMEOUT_S,
     ) -> None:
@@ -91,6 +93,8 @@ class EndpointWatcher:
         self.port = port
         self._on_change = on_change
         self._clock = clock or MonotonicClock()
+        # The process's one supervisor in production; tests may leave it out.
+        self._supervisor = supervisor or Supervisor(clock=self._clock)
         self._backoff = backoff or Backoff()
         self._watch_timeout_s = watch_timeout_s
         self._slices: dict[str, dict[str, Any]] = {}
@@ -112,7 +116,7 @@ class EndpointWatcher:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
+            self._task = self._supervisor.spawn(
                 self.run(), name=f"endpoints {self.name}")
 
     def cancel(self) -> asyncio.Task[None] | None:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 
 from deploy.kube.api import KubeApi, KubeError, Lease
 from mlfe.clock import Clock, MonotonicClock
+from mlfe.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class LeaderElector:
         namespace: str | None = None,
         name: str = LEASE_NAME,
         clock: Clock | None = None,
+        supervisor: Supervisor | None = None,
         lease_duration_s: float = LEASE_DURATION_S,
         renew_deadline_s: float = RENEW_DEADLINE_S,
         retry_period_s: float = RETRY_PERIOD_S,
@@ -79,6 +81,8 @@ class LeaderElector:
         self.renew_deadline_s = renew_deadline_s
         self.retry_period_s = retry_period_s
         self._clock = clock or MonotonicClock()
+        # The process's one supervisor in production; tests may leave it out.
+        self._supervisor = supervisor or Supervisor(clock=self._clock)
         self._wall = wall
         self._leading = False
         self._renewed_at = float("-inf")  # clock time when the last successful write began
@@ -188,7 +192,7 @@ class LeaderElector:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
+            self._task = self._supervisor.spawn(
                 self.run(), name=f"leader election {self.namespace}/{self.name}")
 
     async def close(self, *, release: bool = True) -> None:

@@ -32,6 +32,7 @@ from deploy.kube.discovery import EndpointWatcher
 from mlfe.clock import Clock, MonotonicClock
 from mlfe.config import parse_hostport
 from mlfe.stats import ServiceStats, StatsSource
+from mlfe.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class PeerCounts:
         admin_token: str,
         self_hosts: Iterable[str | None] = (),
         clock: Clock | None = None,
+        supervisor: Supervisor | None = None,
         timeout_s: float = 0.5,
         interval_s: float = 1.0,
         max_age_s: float | None = None,
@@ -85,6 +87,8 @@ class PeerCounts:
         self._token = admin_token
         self._self_hosts = {h for h in self_hosts if h}
         self._clock = clock or MonotonicClock()
+        # The process's one supervisor in production; tests may leave it out.
+        self._supervisor = supervisor or Supervisor(clock=self._clock)
         self._timeout_s = timeout_s
         self.interval_s = interval_s
         self._max_age_s = max_age_s if max_age_s is not None else 3 * interval_s + timeout_s
@@ -164,7 +168,7 @@ class PeerCounts:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="peer counts")
+            self._task = self._supervisor.spawn(self.run(), name="peer counts")
 
     async def stop(self) -> None:
         """Stop fetching (the peers' counts age out); :meth:`start` may be called again."""
@@ -187,8 +191,9 @@ ROUTER_ADMIN_SERVICE = "mlfe-router-admin"  # deploy/kubernetes/service.yaml
 
 def peer_watcher(api: KubeApi, peers: PeerCounts, *, service: str = ROUTER_ADMIN_SERVICE,
                  port: str | int = "admin", namespace: str | None = None,
-                 clock: Clock | None = None) -> EndpointWatcher:
+                 clock: Clock | None = None, supervisor: Supervisor | None = None
+                 ) -> EndpointWatcher:
     """Feed ``peers`` from the ready endpoints of the router's own Service (by default the
     admin Service of the manifests, port ``admin``; a number sets the port outright)."""
     return EndpointWatcher(api, namespace or api.namespace, service, peers.set_peers,
-                           port=port, clock=clock)
+                           port=port, clock=clock, supervisor=supervisor)

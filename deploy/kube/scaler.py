@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from deploy.kube.api import Conflict, KubeApi, KubeError, Scale
 from mlfe.clock import Clock, MonotonicClock
+from mlfe.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,15 @@ class KubeScaler:
         *,
         may_scale: Callable[[], bool] = _always,
         clock: Clock | None = None,
+        supervisor: Supervisor | None = None,
         poll_s: float = POLL_S,
         on_external_change: Callable[[str, int], None] | None = None,
     ) -> None:
         self._api = api
         self._may_scale = may_scale
         self._clock = clock or MonotonicClock()
+        # The process's one supervisor in production; tests may leave it out.
+        self._supervisor = supervisor or Supervisor(clock=self._clock)
         self._poll_s = poll_s
         self._on_external_change = on_external_change
         self._targets: dict[str, _Target] = {}
@@ -120,7 +124,7 @@ class KubeScaler:
 
     def _spawn(self, name: str) -> None:
         target = self._targets[name]
-        target.task = asyncio.get_running_loop().create_task(
+        target.task = self._supervisor.spawn(
             self._poll(name, target), name=f"scale poll {target.ref}")
 
     async def wait_observed(self) -> None:

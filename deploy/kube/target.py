@@ -19,6 +19,7 @@ from deploy.kube.discovery import EndpointWatcher
 from deploy.kube.scaler import POLL_S, DeploymentRef, KubeScaler
 from mlfe.clock import Clock, MonotonicClock
 from mlfe.config import ServiceConfig
+from mlfe.supervise import Supervisor
 from router.services import Service
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class KubernetesTarget:
         api: KubeApi,
         *,
         clock: Clock | None = None,
+        supervisor: Supervisor | None = None,
         may_scale: Callable[[], bool] = _always,
         poll_s: float = POLL_S,
         on_external_change: Callable[[str, int], None] | None = None,
@@ -44,8 +46,10 @@ class KubernetesTarget:
         self._services = services  # the router's live services, by name
         self.api = api
         self._clock = clock or MonotonicClock()
+        self._supervisor = supervisor or Supervisor(clock=self._clock)
         self.scaler = KubeScaler(api, may_scale=may_scale, clock=self._clock, poll_s=poll_s,
-                                 on_external_change=on_external_change)
+                                 on_external_change=on_external_change,
+                                 supervisor=self._supervisor)
         self._watchers: dict[str, EndpointWatcher] = {}
         self._kube_refs: dict[str, DeploymentRef] = {}  # the config's kubernetes services
         self._extra: dict[str, DeploymentRef] = {}  # add_deployment()
@@ -71,7 +75,8 @@ class KubernetesTarget:
             existing = self._watchers.get(name)
             if existing is None:
                 watcher = EndpointWatcher(self.api, ref.namespace, ref.deployment,
-                                          self._sink(name), port=REPLICA_PORT, clock=self._clock)
+                                          self._sink(name), port=REPLICA_PORT, clock=self._clock,
+                                          supervisor=self._supervisor)
                 self._watchers[name] = watcher
                 watcher.start()
             elif existing.addresses is not None:
