@@ -387,6 +387,9 @@ def _services(client: AdminClient, args: argparse.Namespace) -> int:
             ("replicaMaxConcurrentRequests", svc.get("replicaMaxConcurrentRequests")),
             ("maxRequestWaitTime", svc.get("maxRequestWaitTime")),
             ("replicas in rotation", _in_rotation(svc)),
+            ("description", svc.get("description")),
+            *((f"tags.{k}", v) for k, v in sorted((svc.get("tags") or {}).items())),
+            *((f"properties.{k}", v) for k, v in sorted((svc.get("properties") or {}).items())),
         ])
         replicas = svc.get("replicas") or []
         if replicas:

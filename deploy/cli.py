@@ -85,6 +85,19 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="with --sidecar: the model's container, if the pod has several")
 
 
+def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("import", help="turn Azure ML CLI v1 deployment (and inference) config "
+                       "JSON files into an mlfe YAML configuration")
+    p.add_argument("--deployment-config", required=True, metavar="FILE",
+                   help="deploymentconfig.json (computeType aks or aksendpoint)")
+    p.add_argument("--inference-config", metavar="FILE",
+                   help="inferenceconfig.json: the entry script and environment variables")
+    p.add_argument("--name", help="the service (or endpoint) name (default: the deployment "
+                   "config file's name)")
+    p.add_argument("--output", metavar="FILE|-", default="-",
+                   help="a new file to write (owner-only), or - for stdout (default)")
+
+
 def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub.add_parser(
         "sidecar",
@@ -106,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sidecar(sub)
     _add_cert(sub)
     _add_render(sub)
+    _add_import(sub)
     from deploy.admin_client import add_admin_commands
     add_admin_commands(sub)
     return parser
@@ -149,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             self_signed_=args.self_signed, hosts=args.host, out_dir=args.out_dir,
             days=args.days, force=args.force,
         )
+    if args.command == "import":
+        from deploy.import_azureml import run_import
+
+        return run_import(args.deployment_config, args.inference_config, args.name, args.output)
     if args.command == "render" and args.sidecar:
         from deploy.render import run_render_sidecar
 

@@ -18,6 +18,8 @@ import logging
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -44,6 +46,53 @@ def _die_with_parent() -> None:
     """In the child before exec: SIGTERM it when mlfe dies, however mlfe dies (Linux)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+# `replica_server: azureml`: Microsoft's azmlinfsrv, started as its `azmlinfsrv` command is, but
+# on loopback: its listen address is fixed at 0.0.0.0 (right in its container, not on a laptop),
+# so the launcher sets it before azmlinfsrv reads it. The rest of the command line is its own.
+AZMLINFSRV_ON_LOOPBACK = (
+    "import sys\n"
+    "import azureml_inference_server_http.constants as c\n"
+    "c.DEFAULT_HOST = '127.0.0.1'\n"
+    "from azureml_inference_server_http.amlserver import run\n"
+    "sys.argv[0] = 'azmlinfsrv'\n"
+    "sys.exit(run())\n"
+)
+AZMLINFSRV_PYTHON_ENV = "MLFE_AZMLINFSRV_PYTHON"
+
+
+def azmlinfsrv_python() -> str:
+    """The Python that has azureml-inference-server-http: mlfe's own (`pip install
+    'mlfe[azureml]'`), or another environment's, named by MLFE_AZMLINFSRV_PYTHON."""
+    return os.environ.get(AZMLINFSRV_PYTHON_ENV) or sys.executable
+
+
+def check_replica_servers(configs: dict[str, ServiceConfig]) -> str | None:
+    """Why a config's `replica_server: azureml` services cannot start here, or None."""
+    wanting = [n for n, c in configs.items() if c.replica_server == "azureml"]
+    if not wanting:
+        return None
+    python = azmlinfsrv_python()
+    try:
+        found = subprocess.run(
+            [python, "-c", "import azureml_inference_server_http"],
+            capture_output=True, timeout=60, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        found = False
+    if found:
+        return None
+    return (f"services.{wanting[0]}.replica_server: azureml needs Microsoft's inference server "
+            f"(azureml-inference-server-http) in {python}: pip install 'mlfe[azureml]', or name "
+            f"a Python that has it in {AZMLINFSRV_PYTHON_ENV}")
+
+
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 now (a server given a port cannot say which one it got)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def is_local(cfg: ServiceConfig) -> bool:
@@ -97,6 +146,18 @@ class LocalTarget:
             if name not in self._desired:
                 self._desired[name] = cfg.num_replicas or cfg.autoscale_min_replicas
             self._reconcile(name)
+
+    def replica_argv(self, cfg: ServiceConfig) -> tuple[list[str], int | None]:
+        """The replica's command line, and its port when mlfe picks it (azmlinfsrv takes a port;
+        `mlfe score-server --port 0` prints the one it got)."""
+        if cfg.replica_server == "azureml":
+            assert cfg.entry_script is not None
+            port = free_loopback_port()
+            return [azmlinfsrv_python(), "-c", AZMLINFSRV_ON_LOOPBACK,
+                    "--entry_script", str(self._base_dir / cfg.entry_script),
+                    "--port", str(port)], port
+        return [sys.executable, "-m", "deploy.cli", "score-server", *self.model_args(cfg),
+                "--host", "127.0.0.1", "--port", "0"], None
 
     def model_args(self, cfg: ServiceConfig) -> list[str]:
         """What `mlfe score-server` runs: the entry script, or the synthetic model."""
@@ -188,13 +249,17 @@ class LocalTarget:
                **cfg.environment_variables}
         if cfg.model_dir is not None:
             env["AZUREML_MODEL_DIR"] = str(self._base_dir / cfg.model_dir)  # absolute stays
+        if cfg.replica_server == "azureml":
+            env.setdefault("AML_APP_ROOT", str(self._base_dir))  # on azmlinfsrv's sys.path
+        argv, fixed_port = self.replica_argv(cfg)
         rep.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "deploy.cli", "score-server", *self.model_args(cfg),
-            "--host", "127.0.0.1", "--port", "0",
+            *argv,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
         port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if fixed_port is not None:
+            port_found.set_result(fixed_port)
         rep.tasks.append(self._supervisor.spawn(
             self._pump(rep, port_found), name=f"output {rep.service}", finishable=True))
         waiter = asyncio.ensure_future(rep.proc.wait())

@@ -196,7 +196,10 @@ def cluster_config(
         if svc.entry_script is not None:
             for k in ("entry_script", "model_dir", "environment_variables"):
                 entry.pop(k, None)
-            entry["kubernetes"] = {"namespace": namespace, "deployment": name}
+            entry.pop("namespace", None)
+            entry.pop("replica_server", None)
+            entry["kubernetes"] = {"namespace": model_namespace(svc, namespace),
+                                   "deployment": name}
     for name in cfg.endpoints:
         for k in _SECRET_FIELDS:
             out["endpoints"][name].pop(k, None)
@@ -252,6 +255,21 @@ def model_labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "model"}
 
 
+def replica_command(svc: ServiceConfig, script: PurePosixPath) -> list[str]:
+    """The model container's command: mlfe's inference server, or Microsoft's (`replica_server:
+    azureml`, which the image must have: `pip install 'mlfe[azureml]'`). azmlinfsrv listens on
+    all interfaces of the pod, and reads AZUREML_MODEL_DIR and WORKER_COUNT from the env."""
+    if svc.replica_server == "azureml":
+        return ["azmlinfsrv", "--entry_script", str(script), "--port", str(MODEL_PORT)]
+    return ["mlfe", "score-server", "--entry-script", str(script),
+            "--host", "0.0.0.0", "--port", str(MODEL_PORT)]
+
+
+def model_namespace(svc: ServiceConfig, default: str) -> str:
+    """A service's own `namespace` (azureml's deploy parameter), else --namespace."""
+    return svc.namespace or default
+
+
 def model_objects(
     name: str, svc: ServiceConfig, base_dir: Path, namespace: str, image: str
 ) -> list[Manifest]:
@@ -265,7 +283,7 @@ def model_objects(
     selector = model_labels(name)
     labels = {**selector, "app.kubernetes.io/part-of": "mlfe",
               "app.kubernetes.io/managed-by": "mlfe"}
-    metadata_ = {"name": name, "namespace": namespace, "labels": labels}
+    metadata_ = {"name": name, "namespace": model_namespace(svc, namespace), "labels": labels}
 
     env = [
         {"name": "AZUREML_MODEL_DIR", "value": str(model_dir)},
@@ -274,9 +292,11 @@ def model_objects(
           if k not in ("AZUREML_MODEL_DIR", "WORKER_COUNT")),
     ]
     requests = {"cpu": cpu_quantity(svc.cpu_cores), "memory": memory_quantity(svc.memory_gb)}
-    # Memory limit = request (predictable OOM behaviour); no CPU limit (no throttling), as the
-    # deploy config has no cpu_cores_limit.
-    limits: dict[str, Any] = {"memory": requests["memory"]}
+    # Memory limit = request unless memory_gb_limit says more (predictable OOM behaviour); no
+    # CPU limit unless cpu_cores_limit asks for one (no throttling by default).
+    limits: dict[str, Any] = {"memory": memory_quantity(svc.memory_gb_limit or svc.memory_gb)}
+    if svc.cpu_cores_limit is not None:
+        limits["cpu"] = cpu_quantity(svc.cpu_cores_limit)
     if svc.gpu_cores > 0:
         limits[GPU_RESOURCE] = svc.gpu_cores
 
@@ -294,8 +314,7 @@ def model_objects(
         "name": "model",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["mlfe", "score-server", "--entry-script", str(script),
-                    "--host", "0.0.0.0", "--port", str(MODEL_PORT)],
+        "command": replica_command(svc, script),
         "workingDir": str(APP_ROOT),
         "ports": [{"name": "http", "containerPort": MODEL_PORT, "protocol": "TCP"}],
         "env": env,
@@ -405,7 +424,7 @@ def router_objects(
     targets: dict[str, set[str]] = {ns: {ROUTER}}
     for name, svc in cfg.services.items():
         if svc.entry_script is not None:
-            targets[ns].add(name)
+            targets.setdefault(model_namespace(svc, ns), set()).add(name)
         elif svc.kubernetes is not None:
             targets.setdefault(svc.kubernetes.namespace, set()).add(svc.kubernetes.deployment)
     for rule in _find(docs, "Role", ROUTER)["rules"]:

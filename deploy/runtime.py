@@ -24,13 +24,13 @@ from autoscaler.router_loop import DeltaProbe, DeploymentPods, RouterScaler, Wor
 from deploy.cgroup import PROC_SELF_CGROUP, cpu_seconds_source
 from deploy.cluster import Cluster, uses_kubernetes
 from deploy.lifecycle import ProcessLife
-from deploy.local_target import LocalTarget, is_local
+from deploy.local_target import LocalTarget, check_replica_servers, is_local
 from deploy.scaling import scaling_spec
 from deploy.startup import load_for_serving, settle_heap
 from deploy.up import print_welcome, status_line_loop
 from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
 from mlfe.clock import MonotonicClock
-from mlfe.config import ConfigError, MlfeConfig
+from mlfe.config import ConfigError, MlfeConfig, inert_settings
 from router.admin import AdminApi, admin_token
 from router.server import Membership, Router
 from router.slots import DEFAULT_GRACE_S, BrokerServer
@@ -206,6 +206,14 @@ def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False
     cfg = load_for_serving(config_path, log_level)
     if cfg is None:
         return 2
+    problem = check_replica_servers(cfg.services)
+    if problem is not None:
+        print(f"mlfe: {problem}", file=sys.stderr)
+        return 2
+    inert = inert_settings(cfg)
+    if inert:  # accepted (azureml's deploy configuration), but nothing here acts on them
+        log.warning("accepted, without effect in this run: %s (README: Coming from Azure ML)",
+                    ", ".join(inert))
     # Relative paths in a config (entry scripts, model dirs) are relative to the config file.
     base_dir = Path(config_path).resolve().parent
     try:

@@ -183,7 +183,19 @@ _SCALING_KEYS = (
 )
 
 
-class AuthSettings(_Model):
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class Described(_Model):
+    """azureml's free-form metadata of a webservice, an endpoint or a version: kept and shown
+    (`GET /v1/services/{name}`, `mlfe services NAME`), never interpreted."""
+
+    description: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    properties: dict[str, str] = Field(default_factory=dict)
+
+
+class AuthSettings(Described):
     auth_enabled: bool = True
     token_auth_enabled: bool = False
     primary_key: str | None = Field(default=None, min_length=16, repr=False)
@@ -236,6 +248,30 @@ class ServiceConfig(AuthSettings):
     success_threshold: PositiveInt = 1
     failure_threshold: PositiveInt = 3
 
+    # The rest of AksWebservice.deploy_configuration's parameters, under the SDK's names.
+    cpu_cores_limit: PositiveFloat | None = None  # rendered as the container's limits
+    memory_gb_limit: PositiveFloat | None = None
+    namespace: str | None = None  # the namespace `mlfe render` puts the model Deployment in
+    # What Application Insights would get, mlfe writes anyway: the access log (one line per
+    # request), the replica's own output relayed into mlfe's log, and /metrics.
+    enable_app_insights: bool = False
+    compute_target_name: str | None = None  # an Azure ML compute target: nothing to pick here
+    blobfuse_enabled: bool | None = None  # model download through blobfuse: no equivalent
+
+    # Which inference server runs each local or rendered replica: mlfe's own `mlfe score-server`
+    # or Microsoft's `azmlinfsrv` (azureml-inference-server-http, `pip install 'mlfe[azureml]'`).
+    replica_server: Literal["mlfe", "azureml"] = "mlfe"
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        if v is not None and not _DNS_LABEL_RE.match(v):
+            raise ValueError(
+                "not a Kubernetes namespace name (lowercase letters, digits and '-', at most "
+                "63, starting and ending with a letter or digit)"
+            )
+        return v
+
     @field_validator("upstreams")
     @classmethod
     def _upstreams(cls, v: list[str] | None) -> list[str] | None:
@@ -257,6 +293,8 @@ class ServiceConfig(AuthSettings):
                 "exactly one of entry_script, upstreams, kubernetes, synthetic is required"
                 + (f" (got {', '.join(sources)})" if sources else "")
             )
+        if self.replica_server != "mlfe" and self.entry_script is None:
+            raise ValueError("replica_server applies to entry_script services only")
         if self.upstreams is not None:
             fixed = sorted(set(_SCALING_KEYS) & self.model_fields_set)
             if fixed:
@@ -281,6 +319,13 @@ class ServiceConfig(AuthSettings):
                 f"autoscale_min_replicas ({self.autoscale_min_replicas}) is greater than "
                 f"autoscale_max_replicas ({self.autoscale_max_replicas})"
             )
+        # azureml's own checks: a limit below its request is refused.
+        if self.cpu_cores_limit is not None and self.cpu_cores_limit < self.cpu_cores:
+            raise ValueError(f"cpu_cores_limit ({self.cpu_cores_limit:g}) is less than "
+                             f"cpu_cores ({self.cpu_cores:g})")
+        if self.memory_gb_limit is not None and self.memory_gb_limit < self.memory_gb:
+            raise ValueError(f"memory_gb_limit ({self.memory_gb_limit:g}) is less than "
+                             f"memory_gb ({self.memory_gb:g})")
         return self
 
     @property
@@ -292,11 +337,23 @@ class ServiceConfig(AuthSettings):
         return self.autoscale_enabled
 
 
-class VersionConfig(_Model):
+class VersionConfig(Described):
     service: str
     traffic_percentile: Annotated[float, Field(ge=0, le=100)] = 0
     is_default: bool = False
     is_control_version: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sdk_name(cls, data: Any) -> Any:
+        """`is_control_version_type` (AksEndpoint.create_version's name) = is_control_version."""
+        if isinstance(data, dict) and "is_control_version_type" in data:
+            data = dict(data)
+            value = data.pop("is_control_version_type")
+            if "is_control_version" in data and data["is_control_version"] != value:
+                raise ValueError("is_control_version and is_control_version_type disagree")
+            data["is_control_version"] = value
+        return data
 
 
 class EndpointConfig(AuthSettings):
@@ -365,6 +422,28 @@ class MlfeConfig(_Model):
                         f"unknown service {v.service!r}"
                     )
         return self
+
+
+# Deploy-configuration keys that change nothing in a run on this machine (local replicas):
+# they are for `mlfe render`, or have no mlfe equivalent at all.
+_INERT_LOCALLY = ("cpu_cores", "memory_gb", "gpu_cores", "cpu_cores_limit", "memory_gb_limit",
+                  "namespace", "compute_target_name", "blobfuse_enabled")
+_INERT_EVERYWHERE = ("compute_target_name", "blobfuse_enabled")
+
+
+def inert_settings(cfg: MlfeConfig) -> list[str]:
+    """The settings a config gives that have no effect where it runs, as `services.NAME.KEY`:
+    logged once at start, so that an accepted setting is never silently dropped. A `kubernetes:`
+    service's resources were applied by `mlfe render`; a local one's are not applied at all."""
+    out = []
+    for name, svc in cfg.services.items():
+        local = svc.entry_script is not None or svc.synthetic is not None
+        inert = list(_INERT_LOCALLY if local else _INERT_EVERYWHERE)
+        if not cfg.router.access_log:
+            inert.append("enable_app_insights")  # its mlfe equivalent, the access log, is off
+        out += [f"services.{name}.{k}" for k in inert
+                if k in svc.model_fields_set and getattr(svc, k) not in (None, False)]
+    return out
 
 
 _SECRET_KEYS = frozenset({"primary_key", "secondary_key"})

@@ -21,6 +21,7 @@ from typing import Protocol, cast
 import httptools
 
 from router import errors
+from router.requestid import new_request_id
 
 # Reasons the client's socket reading is paused; reading resumes when none is left.
 PAUSE_PIPELINE = 1  # a later request is parsed while an earlier one is served
@@ -278,6 +279,13 @@ class Exchange:
     def in_read(self) -> bool:
         """True while the client's bytes are being parsed (`on_client_flush` will follow)."""
         return self._conn.feeding
+
+
+def _request_ids() -> bytes:
+    """The request id headers of an answer the protocol layer gives itself (413, 431, 400, ...):
+    azureml's clients expect them on every answer, as the scoring path sets them."""
+    rid = new_request_id().encode()
+    return b"x-ms-request-id: " + rid + b"\r\nx-request-id: " + rid + b"\r\n"
 
 
 def _abandon(ex: Exchange) -> None:
@@ -548,7 +556,7 @@ class HttpServerProtocol(asyncio.Protocol):
             ex.content_length > self._limits.max_body_bytes
         ):
             ex._discarding = True
-            ex.respond_error(errors.body_too_large(self._limits.max_body_bytes))
+            ex.respond_error(errors.body_too_large(self._limits.max_body_bytes), _request_ids())
             return
         self._handler.handle(ex)
 
@@ -613,7 +621,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if ex is self._current and not ex.response_started:
             _abandon(ex)
             ex.close_after = True
-            ex.respond_error(err)
+            ex.respond_error(err, _request_ids())
             self._close()
         else:
             self._fatal(err)
@@ -643,6 +651,7 @@ class HttpServerProtocol(asyncio.Protocol):
             errors.status_line(err.status)
             + b"content-type: application/json\r\n"
             + err.headers
+            + _request_ids()
             + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
             + body
         )

@@ -306,6 +306,10 @@ class Router:
             "scoringTimeoutMs": svc.cfg.scoring_timeout_ms,
             "replicaMaxConcurrentRequests": svc.cfg.replica_max_concurrent_requests,
             "maxRequestWaitTime": svc.cfg.max_request_wait_time,
+            # azureml's metadata, kept as given.
+            "description": svc.cfg.description,
+            "tags": dict(svc.cfg.tags),
+            "properties": dict(svc.cfg.properties),
         }
 
     def _collector_metrics(self) -> Iterable[Metric]:

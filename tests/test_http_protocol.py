@@ -1043,3 +1043,56 @@ def test_slow_reader_of_large_response_is_not_buffered(big_router: Proc, fake: P
             assert data, f"closed after {received} bytes"
             received += len(data)
         assert received == size
+
+
+# ---- request ids on the answers the protocol layer gives itself ------------------------------
+# azureml's clients log x-ms-request-id from every answer; 413 and 431 are answered before a
+# request reaches the scoring path, which sets it on the rest.
+
+
+def _assert_request_ids(headers: dict[str, str]) -> None:
+    rid = headers.get("x-ms-request-id")
+    assert rid is not None and len(rid) == 36, headers
+    assert headers.get("x-request-id") == rid
+
+
+def test_413_by_content_length_carries_request_ids(router: Proc) -> None:
+    head = request(target=path("limits"), body=None)[:-2] + b"Content-Length: %d\r\n\r\n" % (
+        MAX_BODY + 1)
+    with raw_conn(router.port) as s:
+        s.sendall(head)
+        status, headers, _ = Reader(s).response()
+    assert status == 413
+    _assert_request_ids(headers)
+
+
+def test_413_while_streaming_a_chunked_body_carries_request_ids(router: Proc) -> None:
+    head = request(target=path("limits"), body=None)[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+    piece = b"%x\r\n" % (64 * 1024) + b"y" * (64 * 1024) + b"\r\n"
+    with raw_conn(router.port) as s:
+        s.sendall(head)
+        try:
+            for _ in range(2 * MAX_BODY // (64 * 1024)):
+                s.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while sending: the answer is already waiting
+        status, headers, _ = Reader(s).response()
+    assert status == 413
+    _assert_request_ids(headers)
+
+
+def test_431_for_header_bytes_carries_request_ids(router: Proc) -> None:
+    status, headers, _ = roundtrip(
+        router.port, _with_headers([f"x-big: {'a' * (MAX_HEADER_BYTES + 1000)}"]))[0]
+    assert status == 431
+    _assert_request_ids(headers)
+
+
+def test_431_for_header_count_carries_fresh_request_ids(router: Proc) -> None:
+    raw = _with_headers([f"x-n{i}: v" for i in range(MAX_HEADER_COUNT + 10)])
+    first = roundtrip(router.port, raw)[0]
+    second = roundtrip(router.port, raw)[0]
+    assert first[0] == second[0] == 431
+    _assert_request_ids(first[1])
+    _assert_request_ids(second[1])
+    assert first[1]["x-ms-request-id"] != second[1]["x-ms-request-id"]
