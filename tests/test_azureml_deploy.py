@@ -27,7 +27,7 @@ from mlfe.config import ConfigError, inert_settings, parse_config
 from tests.support import Proc, start_router
 
 ROOT = Path(__file__).resolve().parents[1]
-AZUREML_PYTHON = ROOT / ".venv-azureml" / "bin" / "python"
+AZUREML_PYTHON = ROOT / ".venv-azureml" / "bin" / "python"  # made by `make setup`
 
 # Every parameter of azureml-core's AksWebservice.deploy_configuration (SDK v1), by its name.
 AKS_WEBSERVICE_PARAMETERS: dict[str, Any] = {
@@ -395,6 +395,14 @@ def _assert_described(router: Proc) -> None:
                     headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
     assert svc["description"] == "fraud scoring"
     assert svc["tags"] == {"team": "fraud"} and svc["properties"] == {"model": "gbm-7"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "services", "fraud", "--admin-url",
+         f"http://{admin}", "--token", token], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    lines = [" ".join(line.split()) for line in shown.stdout.splitlines()]
+    for line in ("description: fraud scoring", "tags.team: fraud", "properties.model: gbm-7"):
+        assert line in lines, shown.stdout
 
 
 def test_serve_refuses_replica_server_azureml_without_azmlinfsrv(tmp_path: Path) -> None:
