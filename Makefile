@@ -23,7 +23,9 @@ $(AZUREML_VENV)/.installed: pyproject.toml
 	$(AZUREML_VENV)/bin/pip install -q '.[azureml]'
 	touch $@
 
-up: setup
+# `mlfe up` needs only mlfe's own venv (Microsoft's server is for the tests and for users who
+# choose `replica_server: azureml`).
+up: $(VENV)/.installed
 	$(BIN)/mlfe up
 
 lint: setup
