@@ -38,11 +38,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def admin_token(state_dir: Path) -> str:
     """From MLFE_ADMIN_TOKEN, else generated once and kept (owner-only) in the state dir."""
     env = os.environ.get(ADMIN_TOKEN_ENV)
-    if env:
+    if env is not None:
+        if not env.strip():
+            raise ConfigError(f"{ADMIN_TOKEN_ENV} is set but empty")
         return env
     path = state_dir / ADMIN_TOKEN_FILE
     if path.exists():
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if not token:
+            raise ConfigError(f"{path} is empty; delete it to generate a new admin token")
+        return token
     token = secrets.token_urlsafe(32)
     atomic_write(path, token.encode())
     return token
@@ -165,6 +170,10 @@ class AdminApi:
 
     async def regen_key(self, request: web.Request) -> web.Response:
         name = self._owner_or_404(request)
+        owner = (self._router.services[name].cfg if name in self._router.services
+                 else self._router.endpoints[name].cfg)
+        if owner.token_auth_enabled:
+            return json_error(400, f"{name} uses token auth: it has no keys to regenerate")
         body = await _json_body(request)
         key_type = body.get("keyType")
         if key_type not in ("Primary", "Secondary"):

@@ -5,6 +5,8 @@ act on what comes back. The rules are azureml's: a replica never has more than
 `replica_max_concurrent_requests` requests in flight; a request that finds no free slot waits,
 first in first out, for at most `max_request_wait_time`; a freed slot goes straight to the
 oldest waiter, with no polling (a freed slot that waits for a timer is capacity thrown away).
+A request that finds no replica in rotation at all waits the same way: for a replica to join or
+come back, up to `max_request_wait_time` (then "No ready replicas").
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from enum import Enum
 
 
 class Rejection(Enum):
-    """Why a request was refused at once (each is its own 503 reason and metric label)."""
+    """Why a request was refused at once (its 503 reason and metric label)."""
 
-    NO_REPLICAS = "no_replica"
     QUEUE_FULL = "queue_full"
 
 
@@ -134,8 +135,6 @@ class ServicePool:
             if replica is not None:
                 self._take(replica)
                 return replica
-        if not any(r.in_rotation for r in self.replicas):
-            return Rejection.NO_REPLICAS
         if self.queued >= self.max_queue:
             return Rejection.QUEUE_FULL
         waiter = Waiter(now + self.max_wait_s, grant, expire, now)

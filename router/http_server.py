@@ -46,6 +46,11 @@ class Limits:
     header_timeout_s: float = 60.0
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
+    # A body must also keep up this average rate (bytes/s) once it has been read for
+    # min(body_rate_grace_s, body_timeout_s): the idle timeout alone lets a byte every few
+    # seconds hold a replica slot for as long as the scoring timeout.
+    min_body_rate: int = 1024
+    body_rate_grace_s: float = 5.0
 
 
 # Request headers the protocol itself looks at (one dict lookup for all the others).
@@ -270,6 +275,27 @@ class Exchange:
             errors.json_message(err.message),
         )
 
+    def retract(self) -> bool:
+        """Take back a response none of which has left the router (its head and body are still
+        corked), so the exchange can be answered anew: True if it was."""
+        if not self._corked or self.response_done or sum(map(len, self._out)) != self.bytes_out:
+            return False
+        self._out = []
+        self._corked = False
+        self.bytes_out = 0
+        self.response_started = False
+        self.status = 0
+        self._chunked_out = False
+        return True
+
+    @property
+    def peer(self) -> str:
+        return self._conn.peer
+
+    @property
+    def scheme(self) -> bytes:
+        return self._conn.scheme
+
     def abort(self) -> None:
         """The response cannot be completed (its head is out): close the connection."""
         self.response_done = True
@@ -330,7 +356,12 @@ class HttpServerProtocol(asyncio.Protocol):
         # Timeouts are checked by the server's sweeper from these (no timer per request).
         self._head_started = 0.0
         self.last_activity = 0.0
+        # Time spent reading the current body while the router was not the one pausing it,
+        # as the sweeper sees it (for the minimum body rate).
+        self._body_active_s = 0.0
+        self._body_checked = 0.0
         self.peer: str = ""
+        self.scheme = b"http"
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -342,6 +373,8 @@ class HttpServerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = str(peer[0])
+        if transport.get_extra_info("ssl_object") is not None:
+            self.scheme = b"https"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
@@ -463,6 +496,8 @@ class HttpServerProtocol(asyncio.Protocol):
         ex = self._parsing
         assert ex is not None
         self._in_head = False
+        self._body_active_s = 0.0
+        self._body_checked = self._loop.time()
         parser = self._parser
         ex.method = parser.get_method()
         version = parser.get_http_version()
@@ -565,6 +600,9 @@ class HttpServerProtocol(asyncio.Protocol):
         if ex is not self._current:
             return
         self.last_activity = self._loop.time()
+        # Back-pressure from this exchange's upstream is over with it (else a keep-alive
+        # client's next request would never be read).
+        self.resume(PAUSE_UPSTREAM)
         if ex.close_after or not ex.keep_alive or self.closing_now:
             self._close()
             return
@@ -676,8 +714,19 @@ class HttpServerProtocol(asyncio.Protocol):
                 self._close()
             return
         if self._paused & (PAUSE_BUFFER | PAUSE_UPSTREAM | PAUSE_PIPELINE):
+            self._body_checked = now
             return  # we are the ones not reading
         reading_body = self._parsing is cur and not cur.body_done
+        if reading_body:
+            if self._body_checked:
+                self._body_active_s += now - self._body_checked
+            self._body_checked = now
+            active = self._body_active_s
+            if (active > min(limits.body_rate_grace_s, limits.body_timeout_s)
+                    and cur.body_bytes < active * limits.min_body_rate
+                    and not cur.response_started):
+                self._fatal(errors.RouterError(408, "Request body too slow"))
+                return
         if (reading_body or self.write_paused) and (
             now - self.last_activity > limits.body_timeout_s
         ):

@@ -7,13 +7,23 @@ never leaves half a key file and no other user can read it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 from pathlib import Path
 
 import orjson
 
+from mlfe.config import ConfigError
+
 KEYS_FILE = "keys.json"
+
+log = logging.getLogger(__name__)
+
+
+class KeyFileError(ConfigError):
+    """The keys file exists but cannot be used: refused at start like a bad config (exit 2).
+    The message names the file, never its content."""
 
 
 def generate_key() -> str:
@@ -43,10 +53,22 @@ class KeyStore:
         self._path = state_dir / KEYS_FILE
         self._keys: dict[str, dict[str, str]] = {}
         if self._path.exists():
-            loaded = orjson.loads(self._path.read_bytes())
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{self._path}: not a JSON object")
+            try:
+                loaded = orjson.loads(self._path.read_bytes())
+            except (OSError, orjson.JSONDecodeError) as e:
+                kind = "cannot be read" if isinstance(e, OSError) else "is not valid JSON"
+                raise KeyFileError(f"{self._path} {kind}; restore it from a backup, or move "
+                                   "it away to generate new keys") from None
+            if not isinstance(loaded, dict) or not all(
+                isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+                for v in loaded.values()
+            ):
+                raise KeyFileError(f"{self._path} is not a keys file (an object of "
+                                   "objects of strings)")
             self._keys = loaded
+        elif state_dir.exists() and any(state_dir.iterdir()):
+            # A state dir in use without its keys: every generated key is about to change.
+            log.warning("%s is missing: keys not set in config are generated anew", self._path)
 
     def ensure(self, name: str, primary: str | None, secondary: str | None) -> tuple[str, str]:
         """Keys for `name`. A key set in config is taken when it is new or changed there;

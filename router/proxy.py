@@ -53,13 +53,20 @@ _NOT_FORWARDED = frozenset(
         b"x-ms-request-id",
         b"x-ms-client-request-id",
         b"azureml-model-deployment",
+        b"x-forwarded-proto",
     }
 )
+# Connection-header tokens that name no other header.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 _JSON = b"content-type: application/json\r\n"
 _HEALTH = (RouteKind.HEALTHY, RouteKind.READY)
 # A request body up to this size is kept until the response starts, so a request that met a
 # stale keep-alive connection (closed by the replica while idle) can be sent again once.
 REPLAY_LIMIT = 64 * 1024
+# A request that timed out after reaching its replica keeps its slot while the replica is still
+# working on it (the client has its 504), so the replica never runs more than its cap; past
+# this many scoring timeouts more, its connection is closed and the slot freed.
+ABANDONED_HOLD_FACTOR = 5
 
 _WAITING, _CONNECTING, _SENT, _RESPONDING, _DONE = range(5)
 
@@ -89,6 +96,15 @@ class Capture:
         if self.response_bytes <= self.cap:
             self.response.append(chunk)
             self.response_bytes += len(chunk)
+
+
+def _without(parts: list[bytes], names: list[bytes]) -> list[bytes]:
+    """`parts` (name, ": ", value, CRLF groups) without the headers called `names`."""
+    out: list[bytes] = []
+    for i in range(0, len(parts), 4):
+        if parts[i] not in names:
+            out += parts[i : i + 4]
+    return out
 
 
 def _header(headers: bytes, name: bytes) -> bytes | None:
@@ -138,18 +154,40 @@ class ScoringHandler:
             return
 
         # One pass over the headers: the credential, the client's id, and what is forwarded.
-        authorization = client_id = pinned = None
+        authorization = client_id = pinned = forwarded_for = None
+        connection_tokens: list[bytes] | None = None
         parts: list[bytes] = []
         for name, value in ex.headers:
             if name in _NOT_FORWARDED:
                 if name == b"authorization":
+                    if authorization is not None:
+                        # Two credentials: which one counts is not guessed at.
+                        self._early(ex, errors.bad_request("Duplicate Authorization header"),
+                                    ids, rid_text, t0, route)
+                        return
                     authorization = value
                 elif name == b"x-ms-client-request-id" and valid_client_request_id(value):
                     client_id = value
                 elif name == b"azureml-model-deployment":
                     pinned = value
+                elif name == b"connection":
+                    connection_tokens = [t.strip().lower() for t in value.split(b",")]
+                continue
+            if name == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 continue
             parts += (name, b": ", value, b"\r\n")
+        if connection_tokens is not None:
+            named = [t for t in connection_tokens if t and t not in _CONNECTION_OPTIONS]
+            if named:
+                # Headers the client names in Connection are hop-by-hop: not forwarded.
+                parts = _without(parts, named)
+        # The router's own X-Forwarded-For (the client's, with the peer appended, as nginx's
+        # $proxy_add_x_forwarded_for) and X-Forwarded-Proto (the router's scheme only).
+        peer = ex.peer.encode()
+        parts += (b"x-forwarded-for: ",
+                  peer if forwarded_for is None else forwarded_for + b", " + peer,
+                  b"\r\nx-forwarded-proto: ", ex.scheme, b"\r\n")
         client_hdr = b""
         if client_id is not None:
             client_hdr = b"x-ms-client-request-id: " + client_id + b"\r\n"
@@ -276,6 +314,7 @@ class Forward:
     """One proxied request, from admission to the end of its response."""
 
     __slots__ = (
+        "_abandoned",
         "_body_sent",
         "_capture",
         "_chunked",
@@ -332,6 +371,7 @@ class Forward:
         self._waiter: Waiter | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._client_gone = False
+        self._abandoned = False  # timed out, answered 504, the replica still has it
         self._body_sent = False
         self._retried = False
         self._replay: list[bytes] | None = []
@@ -365,9 +405,6 @@ class Forward:
         elif result is Rejection.QUEUE_FULL:
             self.failure = "queue_full"
             self._fail(errors.overloaded(svc.name))
-        else:
-            self.failure = "no_replica"
-            self._fail(errors.no_replicas(svc.name))
 
     def _granted(self, replica: Replica) -> None:
         self._waiter = None
@@ -375,8 +412,13 @@ class Forward:
 
     def _expired(self) -> None:
         self._waiter = None
-        self.failure = "queue_timeout"
-        self._fail(errors.overloaded(self._svc.name))
+        svc = self._svc
+        if svc.pool.ready:
+            self.failure = "queue_timeout"
+            self._fail(errors.overloaded(svc.name))
+        else:  # it waited for a replica to come (back) into rotation, and none did
+            self.failure = "no_replica"
+            self._fail(errors.no_replicas(svc.name))
 
     def _dispatch(self, replica: Replica) -> None:
         self._replica = replica
@@ -558,6 +600,9 @@ class Forward:
     def _upstream_failed(self, failure: UpstreamFailure) -> None:
         if self._state == _DONE:
             return
+        if self._abandoned:  # the replica closed a request that had timed out: slot free now
+            self._finish(None)
+            return
         self.t_upstream_end = perf_counter()
         self.failure = failure.value
         if self._replica is not None and failure is not UpstreamFailure.BAD_RESPONSE and (
@@ -568,19 +613,41 @@ class Forward:
 
     def _on_timeout(self) -> None:
         self._timer = None
-        if self._state < _DONE:
-            self.t_upstream_end = perf_counter()
-            self.failure = "timeout"
-            self._fail(errors.replica_timeout(self._svc.cfg.scoring_timeout_ms))
+        if self._state >= _DONE:
+            return
+        if self._abandoned:  # the replica never answered the abandoned request either
+            self._finish(None)
+            return
+        self.t_upstream_end = perf_counter()
+        self.failure = "timeout"
+        err = errors.replica_timeout(self._svc.cfg.scoring_timeout_ms)
+        if self._conn is None or not self._body_sent:
+            self._fail(err)  # not (wholly) at the replica: nothing runs there
+            return
+        # The replica is working on it: the client gets its 504 now, but the slot stays taken
+        # until the replica answers (dropped) or closes, so the replica is never sent more
+        # than its cap while abandoned work runs on. Bounded: then the connection is closed.
+        self._answer(err)
+        self._client_gone = True
+        self._abandoned = True
+        self.ex.detach()
+        self._timer = self._handler.loop.call_later(
+            self._svc.timeout_s * ABANDONED_HOLD_FACTOR, self._on_timeout
+        )
+
+    def _answer(self, err: errors.RouterError) -> None:
+        """Answer with a router error; if the replica's response has begun, take it back while
+        none of it has left the router, else cut the client off."""
+        if self._client_gone:
+            return
+        ex = self.ex
+        if ex.response_started and not ex.retract():
+            ex.abort()
+        else:
+            ex.respond_error(err, self._ids)
 
     def _fail(self, err: errors.RouterError) -> None:
-        """Answer with a router error, or cut the client off if its response has begun."""
-        if not self._client_gone:
-            ex = self.ex
-            if ex.response_started:
-                ex.abort()
-            else:
-                ex.respond_error(err, self._ids)
+        self._answer(err)
         self._finish(err)
 
     def _finish(self, err: errors.RouterError | None, release_conn: bool = True) -> None:
@@ -631,6 +698,11 @@ class Forward:
             upstream = (self.t_upstream_end or now) - self.t_dispatch
             m.queue_wait.observe(queue)
             m.upstream.observe(upstream)
+        elif self.t_auth:
+            # Never reached a replica (refused, expired in the queue, or the client left while
+            # queued): its wait is queue time, not the router's own work.
+            queue = now - self.t_auth
+            m.queue_wait.observe(queue)
         m.routing.observe(max(total - queue - upstream, 0.0))
         failure = self.failure
         if failure is not None:

@@ -154,8 +154,15 @@ class Service:
     # ---- failures ---------------------------------------------------------------------------
 
     def replica_failed(self, replica: Replica) -> None:
-        """A replica refused or reset a connection: out of rotation until a probe succeeds."""
+        """A replica refused or reset a connection: out of rotation until a probe succeeds.
+        Never the last replica in rotation (Envoy's panic threshold): one failure of the only
+        replica would otherwise turn every request into a wait for its re-probe; it stays, and
+        a replica that is really gone fails fast (502) until its target removes it."""
         if replica.removed or not replica.in_rotation:
+            return
+        if self.pool.ready <= 1:
+            log.debug("service %s: replica %s failed; kept in rotation (the last one)",
+                        self.name, replica.addr)
             return
         log.warning("service %s: replica %s failed; out of rotation", self.name, replica.addr)
         self.pool.mark_down(replica)

@@ -34,6 +34,19 @@ _DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 
+# Limits on a replica's response head (nginx refuses a head larger than its proxy buffer with
+# 502, "upstream sent too big header"): past either, the response is a 502 and the connection
+# is closed.
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 100
+# Connection-header tokens that name no other header.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing the rest of the buffer."""
+
+
 # Idle connections kept per replica. The pool only grows to the concurrency actually used (at
 # most the replica's cap), so this bound is for safety; a low one makes a router that sends
 # more than it at once close and reopen connections on every request.
@@ -96,15 +109,22 @@ class ReplicaConnections:
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_bad",
         "_chunked",
         "_close_delimited",
+        "_complete",
+        "_conn_tokens",
         "_content_length",
         "_corked",
+        "_head_bytes",
+        "_header_count",
         "_headers",
+        "_in_head",
         "_informational",
         "_out",
         "_parser",
         "_pool",
+        "_trailing",
         "_transport",
         "got_bytes",
         "reused",
@@ -127,6 +147,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._corked = False
         self._out: list[bytes] = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._header_count = 0
+        self._conn_tokens: list[bytes] = []
+        # Set while a buffer is parsed: the sink whose response just completed (told once the
+        # whole buffer is parsed), bytes found past it, a response found malformed.
+        self._complete: UpstreamSink | None = None
+        self._trailing = False
+        self._bad = False
 
     # ---- used by the proxy ----------------------------------------------------------------
 
@@ -162,11 +191,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def release(self) -> None:
-        """The exchange is over and the connection is clean: back to the idle pool."""
+        """The exchange is over: back to the idle pool if the connection is clean (its
+        response was complete, nothing followed it, the replica keeps it alive), else closed."""
         self.sink = None
         self.reused = True
         if self.usable:
             self._pool.put_idle(self)
+        else:
+            self.close()
 
     def close(self) -> None:
         self.usable = False
@@ -211,11 +243,35 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
+        if self._in_head:
+            self._head_bytes += len(data)  # a guard for a head line that never ends
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except _Stop:
+            pass
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            if self._complete is None:
+                self._bad = True
+            else:
+                self._trailing = True  # garbage after a complete response
+        if self._in_head and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            self._bad = True
+        if self._bad:
+            self._bad = False
+            self._complete = None
             self.abort()
             sink.on_upstream_failure(UpstreamFailure.BAD_RESPONSE)
+            return
+        done = self._complete
+        if done is not None:
+            # The response ended in this buffer. Only now, with every byte of the buffer
+            # parsed, may the connection be released (and handed to another request): bytes
+            # past the response are an error that closes it, never the next one's response.
+            self._complete = None
+            if self._trailing:
+                self._trailing = False
+                self.usable = False
+            done.on_response_end()
             return
         sink.on_upstream_flush()
 
@@ -230,32 +286,71 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete is not None:
+            self._trailing = True  # a second response in the buffer of the first one
+            raise _Stop
         self._headers = []
         self._content_length = None
         self._chunked = False
         self._close_delimited = False
+        self._conn_tokens = []
+        self._in_head = True
+        self._head_bytes = 0
+        self._header_count = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._head_bytes += len(name) + len(value) + 4
+        if (
+            self._header_count > MAX_RESPONSE_HEADERS
+            or self._head_bytes > MAX_RESPONSE_HEAD_BYTES
+        ):
+            self._bad = True
+            raise _Stop
         name = name.lower()
         if name in _DROP_RESPONSE_HEADERS:
             if name == b"content-length":
+                # One Content-Length, all digits, never with chunked: a replica that frames
+                # its answer two ways is answered 502, never guessed at (nginx does the same).
+                if self._content_length is not None or self._chunked or not value.isdigit():
+                    self._bad = True
+                    raise _Stop
                 self._content_length = int(value)
             elif name == b"transfer-encoding":
+                if (
+                    self._chunked
+                    or self._content_length is not None
+                    or value.strip().lower() != b"chunked"
+                ):
+                    self._bad = True
+                    raise _Stop
                 self._chunked = True
+            elif name == b"connection":
+                self._conn_tokens += (t.strip().lower() for t in value.split(b","))
             return
         self._headers.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         status = self._parser.get_status_code()
+        if status == 101:
+            # The router never asks for an upgrade (it drops the client's Upgrade header).
+            self._bad = True
+            raise _Stop
         self._informational = 100 <= status < 200
         if self._informational:
             return  # 100 Continue and friends are the replica hop's business
         self._close_delimited = (
             self._content_length is None and not self._chunked and status not in (204, 304)
         )
+        headers = self._headers
+        named = [t for t in self._conn_tokens if t and t not in _CONNECTION_OPTIONS]
+        if named:
+            # Headers the replica names in Connection are hop-by-hop too.
+            headers = [h for h in headers if h.split(b":", 1)[0] not in named]
         sink = self.sink
         if sink is not None:
-            sink.on_response_head(status, b"".join(self._headers), self._content_length)
+            sink.on_response_head(status, b"".join(headers), self._content_length)
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
@@ -267,6 +362,5 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self._parser.should_keep_alive():
             self.usable = False
-        sink, self.sink = self.sink, None
-        if sink is not None:
-            sink.on_response_end()
+        # Told to the sink once the whole buffer is parsed (data_received).
+        self._complete, self.sink = self.sink, None

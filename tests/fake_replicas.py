@@ -27,6 +27,24 @@ nginx both forward it), so one process serves every case and a test names what i
                             flow control; progress is reported by GET /stats ("huge_sent")
     ?mode=continue          send "100 Continue", then the echo reply
     ?mode=early             reply 200 after the head, without reading the body, then close
+    ?mode=slow&ms=N         read the body, wait N ms, reply 200 (in-flight counts in /stats;
+                            &hold=TOKEN waits for its release first)
+
+Hostile replies, each sent in one write on a connection kept alive (so a router that reuses it
+afterwards shows what it made of the bytes); all take &hold=TOKEN (wait before replying):
+
+    ?mode=overflow          200 with Content-Length 5 followed, in the same write, by a whole
+                            second response ("stolen"), as a replica that miscounts does
+    ?mode=clte              200 with both Content-Length and Transfer-Encoding: chunked
+    ?mode=dupcl&second=N    200 with Content-Length 5 and a second Content-Length N
+    ?mode=badchunk1         200 chunked, one chunk, then a chunk size that is not hex
+    ?mode=hints             103 Early Hints, then 200 "hinted"
+    ?mode=switch            101 Switching Protocols (nobody asked for an upgrade)
+    ?mode=bighead&size=N    200 with one header N bytes long
+    ?mode=manyheaders&count=N
+                            200 with N headers
+    ?mode=bodyless&status=S 204 or 304 with Content-Length 6 and a body "stolen"
+    ?mode=connhdr           200 with "Connection: x-secret" and the header X-Secret
 
 `GET /` answers `Healthy` (what probes ask); `GET /stats` answers counters as JSON (requests,
 in-flight now and at most, connections, huge_sent); `GET /release?token=T` lets a held reply
@@ -151,6 +169,40 @@ async def _read_body(reader: asyncio.StreamReader, headers: list[tuple[str, str]
     }
 
 
+def _hostile(mode: str, query: dict[str, str]) -> bytes | None:
+    """The bytes of a hostile reply (see the module's docstring), or None for another mode."""
+    ok = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+    if mode == "overflow":
+        return ok + b"content-length: 5\r\n\r\nhello" + ok + b"content-length: 6\r\n\r\nstolen"
+    if mode == "clte":
+        return ok + b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    if mode == "badchunk1":
+        return ok + b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n"
+    if mode == "dupcl":
+        second = query.get("second", "6").encode()
+        return ok + b"content-length: 5\r\ncontent-length: " + second + b"\r\n\r\nhello!"
+    if mode == "hints":
+        return (b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+                + ok + b"content-length: 6\r\n\r\nhinted")
+    if mode == "switch":
+        return (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                b"connection: upgrade\r\n\r\n\x81\x05hello")
+    if mode == "bighead":
+        size = int(query.get("size", "200000"))
+        return ok + b"x-big: " + b"a" * size + b"\r\ncontent-length: 2\r\n\r\nok"
+    if mode == "manyheaders":
+        count = int(query.get("count", "5000"))
+        return ok + b"".join(b"x-h%d: v\r\n" % i for i in range(count)) + (
+            b"content-length: 2\r\n\r\nok")
+    if mode == "bodyless":
+        status = query.get("status", "204").encode()
+        return b"HTTP/1.1 " + status + b" X\r\ncontent-length: 6\r\n\r\nstolen"
+    if mode == "connhdr":
+        return (ok + b"connection: x-secret\r\nx-secret: 1\r\nx-kept: 1\r\n"
+                b"content-length: 2\r\n\r\nok")
+    return None
+
+
 def _reset(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None:
@@ -210,6 +262,16 @@ async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         if mode == "hang":
             await reader.read()  # until the peer closes
             return False
+        if mode == "slow":
+            await _hold(query)
+            await asyncio.sleep(int(query.get("ms", "100")) / 1000)
+            writer.write(_response("200 OK", b'{"slow":true}'))
+            return keep
+        hostile = _hostile(mode, query)
+        if hostile is not None:
+            await _hold(query)
+            writer.write(hostile)
+            return keep
         if mode in ("echo", "continue"):
             info.update(method=method, path=url.path, query=url.query, version=version,
                         headers=headers)
