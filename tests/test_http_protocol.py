@@ -752,14 +752,15 @@ SMUGGLING = [
 def test_smuggling_and_malformed_requests(router: Proc, nginx: Proc, fake: Proc, raw: bytes,
                                           nginx_status: int,
                                           router_status: tuple[int, ...]) -> None:
+    # nginx's answer is for comparison only (its exact codes change between versions); the
+    # router's is what is checked.
     got_nginx = outcome(nginx.port, raw)
-    assert got_nginx[0] == nginx_status, f"nginx answered {got_nginx}"
     before = fake_stats(fake)["requests"]
     got = outcome(router.port, raw)
     refused = router_status[0] >= 400
     assert got[0] in router_status and got[1] == refused, (
         f"router answered {got}, expected one of {router_status} and closed={refused} "
-        f"(nginx: {got_nginx})")
+        f"(nginx: {got_nginx}, nginx 1.22 answered {nginx_status})")
     if refused:
         assert fake_stats(fake)["requests"] == before, "a refused request reached the replica"
 
@@ -994,16 +995,16 @@ def test_replica_breaking_off_mid_response_cuts_the_client(proxy: Proc, fake: Pr
         assert body == b"0123456789"
 
 
-def test_replica_breaking_off_in_the_first_read_is_502_or_cut(router: Proc) -> None:
-    """Head and a broken chunk in one read: nothing has reached the client yet, so a 502 is
-    possible (nginx 1.22 sends nothing and closes); a complete-looking 200 is not."""
+def test_replica_breaking_off_in_the_first_read_is_502(router: Proc) -> None:
+    """Head and a broken chunk in one read: nothing has reached the client yet, so the 200
+    head the router had collected is taken back and the client gets a 502 (nginx 1.22 sends
+    nothing at all and closes)."""
     with raw_conn(router.port) as s:
-        s.sendall(request(target=path("cut", "mode=badchunk"), body=b"{}"))
+        s.sendall(request(target=path("cut", "mode=badchunk1"), body=b"{}"))
         s.settimeout(5)
         data = read_until_close(s)
-    if data.startswith(b"HTTP/1.1 502 "):
-        return
-    assert not data.endswith(b"0\r\n\r\n"), data[:300]
+    assert data.startswith(b"HTTP/1.1 502 "), data[:300]
+    assert b"Replica sent an invalid response" in data
 
 
 # ---- flow control ---------------------------------------------------------------------------
