@@ -40,7 +40,7 @@ PyJWT 2.15):
     full ES256 verification (`check()`, cache off)        ~ 70-115 µs
     full RS256 (2048-bit) verification of an IdP token     ~ 75-85 µs
     the same token again (cache hit)                       ~ 0.5-1 µs
-    a bad signature on a known kid (PyJWT raises)          ~ 65-140 µs (failures not cached)
+    a bad signature on a known kid (PyJWT raises)          ~ 65-140 µs once, then cached
     garbage / unknown kid (no crypto)                      ~ 0.4 / 2 µs
     `issue()` (ES256 sign)                                 ~ 25-40 µs
     Successful verifications are cached per (token, audience) in a bounded LRU until
@@ -441,6 +441,12 @@ class TokenVerifier:
         self._cache: OrderedDict[tuple[bytes, str], tuple[float, KeySet, str]] = OrderedDict()
         self._cache_size = cache_size
         self._cache_ttl_s = cache_ttl_s
+        # Tokens that failed full verification (bad signature, audience, issuer, claims, or
+        # expired), so the same bad token sent again costs a lookup, not a signature check.
+        # An entry holds from `since` (an expired token's expiry; -inf otherwise) to its TTL,
+        # while the key it failed against is still the kid's key.
+        self._failed: OrderedDict[
+            tuple[bytes, str], tuple[float, float, KeySet, str, object]] = OrderedDict()
         self._clock = clock
         self._on_unknown_kid = on_unknown_kid or self._schedule_refresh
         self._tasks: set[asyncio.Task[bool]] = set()
@@ -486,6 +492,13 @@ class TokenVerifier:
                 self._cache.move_to_end(cache_key)
                 return True
             del self._cache[cache_key]
+        failed = self._failed.get(cache_key)
+        if failed is not None:
+            deadline, since, failed_keys, failed_kid, failed_key = failed
+            if since <= now < deadline and (
+                    failed_keys.verification_keys.get(failed_kid) is failed_key):
+                return False
+            del self._failed[cache_key]
 
         # Unverified look at header and claims: only to choose the key.
         head, sep, rest = token.partition(b".")
@@ -518,31 +531,45 @@ class TokenVerifier:
             return False
 
         # Full verification; the time claims are checked below against `now`, not the wall clock.
-        verified = jwt.decode(
-            token,
-            vk.key,
-            algorithms=[vk.algorithm],
-            audience=expected_aud,
-            issuer=iss,
-            options={
-                "require": ["exp", "aud", "iss"],
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-            },
-        )
+        try:
+            verified = jwt.decode(
+                token,
+                vk.key,
+                algorithms=[vk.algorithm],
+                audience=expected_aud,
+                issuer=iss,
+                options={
+                    "require": ["exp", "aud", "iss"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidTokenError:
+            self._remember_failure(cache_key, now, -math.inf, keyset, kid, vk)
+            return False
         exp = verified["exp"]
-        if not _is_number(exp) or now >= exp + self.leeway_s:
+        if not _is_number(exp):
+            self._remember_failure(cache_key, now, -math.inf, keyset, kid, vk)
+            return False
+        if now >= exp + self.leeway_s:  # expired stays expired
+            self._remember_failure(cache_key, now, exp + self.leeway_s, keyset, kid, vk)
             return False
         for claim in ("nbf", "iat"):
             value = verified.get(claim, _NOT_FOUND)
             if value is not _NOT_FOUND and (not _is_number(value) or now < value - self.leeway_s):
-                return False
+                return False  # (not remembered: it may become valid)
 
         self._cache[cache_key] = (min(exp + self.leeway_s, now + self._cache_ttl_s), keyset, kid)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return True
+
+    def _remember_failure(self, cache_key: tuple[bytes, str], now: float, since: float,
+                          keyset: KeySet, kid: str, vk: object) -> None:
+        self._failed[cache_key] = (now + self._cache_ttl_s, since, keyset, kid, vk)
+        if len(self._failed) > self._cache_size:
+            self._failed.popitem(last=False)
 
     def _schedule_refresh(self, ext: ExternalJwks) -> None:
         try:

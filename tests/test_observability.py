@@ -73,7 +73,7 @@ def test_metrics_and_access_log_after_known_traffic(tmp_path: Path) -> None:
         call("obs", {}, {}, 401)
         call("nope", {}, auth, 404)
         call("gone", {}, auth, 502)
-        call("gone", {}, auth, 503)
+        call("gone", {}, auth, 502)  # the only replica stays in rotation: it fails fast
 
         m = scrape(admin)
 
@@ -86,14 +86,12 @@ def test_metrics_and_access_log_after_known_traffic(tmp_path: Path) -> None:
         assert req("obs", "4xx") == 2
         assert req("", "4xx") == 1  # the unknown service, without its name as a label
         assert req("gone", "5xx") == 2
-        assert m[("mlfe_upstream_errors_total", (("kind", "refused"), ("service", "gone")))] == 1
-        assert m[("mlfe_rejected_requests_total",
-                  (("reason", "no_replica"), ("service", "gone")))] == 1
+        assert m[("mlfe_upstream_errors_total", (("kind", "refused"), ("service", "gone")))] == 2
         assert m[("mlfe_request_duration_seconds_count", (("service", "obs"),))] == 6
         assert m[("mlfe_upstream_duration_seconds_count", (("service", "obs"),))] == 4
         assert m[("mlfe_in_flight_requests", (("service", "obs"),))] == 0
         assert m[("mlfe_replicas", (("service", "obs"), ("state", "ready")))] == 1
-        assert m[("mlfe_replicas", (("service", "gone"), ("state", "ready")))] == 0
+        assert m[("mlfe_replicas", (("service", "gone"), ("state", "ready")))] == 1
         assert not any("nope" in str(labels) for _, labels in m)
 
         # Stopping the router flushes its access log: one line per request, in order.
@@ -109,7 +107,7 @@ def test_metrics_and_access_log_after_known_traffic(tmp_path: Path) -> None:
         for k in ("authMs", "queueMs", "upstreamMs", "totalMs"):
             assert isinstance(first[k], float) and first[k] >= 0
         assert first["totalMs"] >= first["upstreamMs"]
-        assert lines[-2]["error"] == "refused" and lines[-1]["error"] == "no_replica"
+        assert lines[-2]["error"] == "refused" and lines[-1]["error"] == "refused"
         # No key appears in any log line or metric.
         keys = json.loads((router.extra["state_dir"] / "keys.json").read_text())
         secrets = [KEY, ADMIN] + [v for k in keys.values() for n, v in k.items()

@@ -18,7 +18,8 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm
 
 from router.tokens import jwk_thumbprint
 from tests.support import EXAMPLES, Proc, free_port, start_replica, start_router
@@ -119,7 +120,10 @@ def test_forged_tokens_are_refused(setup: dict[str, Any]) -> None:
         "garbage": "not.a.token",
     }
     # HS256 signed with the public key as the HMAC secret (algorithm confusion).
-    pem = json.dumps(jwks["keys"][0]).encode()
+    public = ECAlgorithm.from_jwk(json.dumps(jwks["keys"][0]))
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    pem = public.public_bytes(serialization.Encoding.PEM,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
     signing_input = encode({**header, "alg": "HS256"}, payload)
     forged["hs256-public-key"] = signing_input + "." + b64(
         hmac.new(pem, signing_input.encode(), hashlib.sha256).digest())

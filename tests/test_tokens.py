@@ -355,6 +355,28 @@ def test_cache_hits_skip_verification(
     # Failures are not cached as successes, and do not evict the good entry.
     assert verifier.check(auth, "svc", NOW + 10)
     assert calls[0] == 2  # the failed "other" check verified once
+    assert not verifier.check(auth, "other", NOW + 10)
+    assert calls[0] == 2  # ...and is refused from the failure cache since
+
+
+def test_failures_are_cached_while_their_key_stands(
+    authority: TokenAuthority, verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token that fails full verification (here: another audience, then a forged signature)
+    is refused from the cache when sent again: a flood of one bad token costs lookups."""
+    calls = _count_decodes(monkeypatch)
+    auth = bearer(authority.issue("svc", NOW)["accessToken"])
+    for _ in range(5):
+        assert not verifier.check(auth, "other", NOW)
+    assert calls[0] == 1
+    head, body, sig = auth[7:].split(b".")
+    forged = b"Bearer " + head + b"." + body + b"." + sig[::-1]
+    for _ in range(5):
+        assert not verifier.check(forged, "svc", NOW)
+    assert calls[0] == 2
+    assert verifier.check(auth, "svc", NOW)  # the good token is not touched by either
+    assert not verifier.check(auth, "other", NOW + 61)  # TTL over: verified again
+    assert calls[0] == 4
 
 
 def test_cache_respects_exp(
