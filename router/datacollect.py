@@ -93,6 +93,22 @@ class _Sink:
         return self.directory / f"{self.prefix}-{self.n}.jsonl"
 
 
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _mkdirs_private(directory: Path) -> None:
+    """`mkdir -p` with every folder it creates owner-only (0700)."""
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+
+
 class DataCollector:
     """Bounded queue of scored requests, written as JSON lines by a background writer.
 
@@ -397,7 +413,8 @@ class DataCollector:
     def _append(self, path: Path, data: bytes, size: int) -> None:
         """Append ``data`` to ``path`` (whose length is ``size``); all or nothing."""
         try:
-            with open(path, "ab") as f:
+            # Request bodies are user data: owner-only, like the state dir.
+            with open(path, "ab", opener=_owner_only) as f:
                 f.write(data)
         except OSError:
             with contextlib.suppress(OSError):
@@ -411,7 +428,7 @@ class DataCollector:
             return sink
         service, version, day = key
         directory = self.data_dir / _safe(service) / _safe(version) / day
-        directory.mkdir(parents=True, exist_ok=True)  # new, or removed since: (re)scan it
+        _mkdirs_private(directory)  # new, or removed since: (re)scan it
         highest = 0
         for entry in os.scandir(directory):
             m = self._data_file.fullmatch(entry.name)

@@ -10,9 +10,7 @@ import asyncio
 import base64
 import errno
 import logging
-import statistics
 import threading
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -135,6 +133,23 @@ async def test_records_queued_before_start_are_flushed_by_stop(tmp_path: Path) -
         submit(dc, f"r{i}")
     await dc.stop()
     assert [r["requestId"] for r in all_records(tmp_path)] == ["r0", "r1", "r2"]
+
+
+async def test_data_files_and_folders_are_owner_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    dc = collector(data)
+    dc.start()
+    submit(dc, "r1")
+    await dc.stop()
+    files = list(data.rglob("*.jsonl"))
+    assert files
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o600, f
+        d = f.parent
+        while d != data:
+            assert d.stat().st_mode & 0o777 == 0o700, d
+            d = d.parent
 
 
 @pytest.mark.parametrize(
@@ -343,17 +358,13 @@ async def test_slow_sink_drops_when_full_and_submit_never_blocks(
     await sink.wait_entered()  # the writer thread is now stuck on the first batch
 
     accepted = ["first"]
-    durations = []
     for i in range(1000):
-        t0 = time.perf_counter()
         ok = submit(dc, f"r{i}")
-        durations.append(time.perf_counter() - t0)
         if ok:
             accepted.append(f"r{i}")
     assert not sink.release.is_set()  # every call above returned while the sink was blocked
     assert len(accepted) == 1 + 100
-    assert dc.dropped == 900 and dc.queued == 100
-    assert statistics.median(durations) < 20e-6
+    assert dc.dropped == 900 and dc.queued == 100  # (its cost: benchmarks/, not a timed test)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # rate-limited: one warning for the first drop...
     assert "dropped 1 record(s) (1 in total)" in warnings[0].getMessage()
@@ -394,13 +405,8 @@ async def test_submit_is_cheap(tmp_path: Path) -> None:
     """A unit check that submit stays a few attribute reads and an append (no timing test)."""
     dc = collector(tmp_path, max_queue=200_000)
     req, resp = b'{"data": [[1, 2, 3, 4]]}', b"[1]"
-    durations = []
-    for i in range(20_000):
-        t0 = time.perf_counter()
+    for _ in range(20_000):
         dc.submit("svc", "v1", "id", 200, req, JSON, resp, JSON)
-        durations.append(time.perf_counter() - t0)
-        del i
-    assert statistics.median(durations) < 20e-6
     assert dc.queued == 20_000
     await dc.stop()
     assert dc.written == 20_000
@@ -495,8 +501,8 @@ async def test_a_partial_write_is_cut_off_again(
     class HalfFull:
         """A file that takes half of what is written, then reports the disk full."""
 
-        def __init__(self, p: Path, mode: str) -> None:
-            self.f = open(p, mode)  # noqa: SIM115
+        def __init__(self, p: Path, mode: str, opener: Any = None) -> None:
+            self.f = open(p, mode, opener=opener)  # noqa: SIM115
 
         def __enter__(self) -> HalfFull:
             return self
