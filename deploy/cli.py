@@ -18,12 +18,14 @@ scoring URI, a key and a ready-to-paste curl line."""
 def _add_score_server(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("score-server", help="run one model replica: the inference server that "
                        "calls your entry script's init() and run()")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--entry-script", help="Python file defining init() and run()")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--entry-script", help="Python file defining init() and run() "
+                       "(default: env AZUREML_ENTRY_SCRIPT, relative to AML_APP_ROOT)")
     model.add_argument("--synthetic", metavar="SPEC",
                        help="a model stand-in for load tests instead of an entry script: JSON or "
                        "k=v,k=v, e.g. latency=lognormal:20:200,concurrency=2,error_rate=0.01,"
                        "response_bytes=512,init_ms=0,seed=1 (README: load-testing target)")
+    p.add_argument("--model-dir", help="sets AZUREML_MODEL_DIR for the entry script")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=5001, help="port to listen on (0: any free one)")
 
@@ -134,7 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec=args.synthetic, host=args.host, port=args.port, log_level=args.log_level
         )
     if args.command == "score-server":
+        import os
+
         from deploy.score_server import run_score_server
+
+        if args.model_dir is not None:
+            os.environ["AZUREML_MODEL_DIR"] = str(Path(args.model_dir).resolve())
 
         return run_score_server(
             entry_script=args.entry_script, host=args.host, port=args.port,
