@@ -14,11 +14,13 @@ from tests.support import EXAMPLES, free_port, start_replica, start_router
 ADMIN = "admin-token-for-tests"
 KEY = "observed-key-" + "o" * 32
 ERRORS_SCRIPT = '''
+import json
+
 def init():
     pass
 
-def run(data):
-    if data.get("fail"):
+def run(raw_data):
+    if json.loads(raw_data).get("fail"):
         raise RuntimeError("boom")
     return {"ok": True}
 '''

@@ -29,11 +29,13 @@ KEY2 = "k2-" + "b" * 40
 ADMIN = "admin-token-for-tests"
 
 ERRORS_SCRIPT = '''
+import json
+
 def init():
     pass
 
-def run(data):
-    if data.get("fail"):
+def run(raw_data):
+    if json.loads(raw_data).get("fail"):
         raise RuntimeError("secret internal detail")
     return {"ok": True}
 '''

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 _RESULT = {"result": [1]}
 
 
@@ -11,5 +9,5 @@ def init() -> None:
     """Nothing to load."""
 
 
-def run(data: Any) -> dict[str, list[int]]:
+def run(raw_data: str) -> dict[str, list[int]]:
     return _RESULT

@@ -1,13 +1,15 @@
 """A real model: a scikit-learn classifier of iris flowers.
 
 `init()` loads the model from `$AZUREML_MODEL_DIR/model.joblib`, training it first if it is not
-there yet (on the iris data that ships inside scikit-learn: no download). `run()` predicts.
+there yet (on the iris data that ships inside scikit-learn: no download). `run()` gets the request
+body as a str, as Azure ML's entry scripts do, and predicts.
 
     {"data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}  ->  {"result": ["setosa", "virginica"]}
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,8 @@ def init() -> None:
     model, classes = bundle["model"], bundle["classes"]
 
 
-def run(data: Any) -> dict[str, Any]:
-    rows = np.asarray(data["data"], dtype=float)
+def run(raw_data: str) -> dict[str, Any]:
+    rows = np.asarray(json.loads(raw_data)["data"], dtype=float)
     if rows.ndim != 2 or rows.shape[1] != 4:
         raise ValueError("expected rows of 4 measurements")
     return {"result": [classes[i] for i in model.predict(rows)]}

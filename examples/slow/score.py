@@ -1,11 +1,13 @@
 """A deliberately slow model: run() sleeps, and reports how many run() calls overlapped.
 
-Sleep time: `{"ms": N}` in the request, else env SLOW_RUN_MS (default 50). The replica runs
+Sleep time: `{"ms": N}` in the request, else env SLOW_RUN_MS (default 50). As Azure ML's
+entry scripts do, run() gets the request body as a str and parses it itself. The replica runs
 WORKER_COUNT calls at once, so `max_in_flight` shows the concurrency the router let through.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -23,8 +25,16 @@ def init() -> None:
     """Nothing to load."""
 
 
-def run(data: Any) -> dict[str, Any]:
+def _parse(raw_data: str) -> Any:
+    try:
+        return json.loads(raw_data)
+    except ValueError:
+        return None
+
+
+def run(raw_data: str) -> dict[str, Any]:
     global _in_flight, _max_in_flight, _started
+    data = _parse(raw_data)
     ms = data.get("ms", DEFAULT_MS) if isinstance(data, dict) else DEFAULT_MS
     ms = float(ms)
     with _lock:
