@@ -1,7 +1,5 @@
 """@rawhttp: the request object in, AMLResponse (or a plain value) out."""
 
-import json
-
 from azureml.contrib.services.aml_request import AMLRequest, rawhttp
 from azureml.contrib.services.aml_response import AMLResponse
 

@@ -2,8 +2,8 @@
 
 import pandas as pd
 from inference_schema.parameter_types.pandas_parameter_type import PandasParameterType
-from inference_schema.schema_decorators import input_schema, output_schema
 from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+from inference_schema.schema_decorators import input_schema, output_schema
 
 SAMPLE = pd.DataFrame({"sepal_length": [5.1], "sepal_width": [3.5], "species": ["setosa"]})
 
