@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -449,15 +449,14 @@ class ScoreHandlers:
         # A failed run() (or an unencodable result) is answered without its run time, as there.
         return response or json_error(500, INTERNAL_ERROR_MESSAGE)
 
-    async def _invoke(
+    def _invoke(
         self, params: dict[str, Any], headers: Mapping[str, str] | None
-    ) -> RunOutcome:
+    ) -> Awaitable[RunOutcome]:
+        # A sync run()'s executor future goes to wait_for as it is: no task per request.
         if self._script.is_async:
-            return await _run_timed_async(self._script, params, headers)
+            return _run_timed_async(self._script, params, headers)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, _run_timed, self._script, params, headers
-        )
+        return loop.run_in_executor(self._executor, _run_timed, self._script, params, headers)
 
     def _respond(self, outcome: RunOutcome) -> web.StreamResponse | None:
         """The answer to a run() outcome; None for a result that cannot be sent (a 500)."""
