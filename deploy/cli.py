@@ -128,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import os
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.command == "score-server" and args.synthetic is None and args.entry_script is None
+            and not os.environ.get("AZUREML_ENTRY_SCRIPT", "").strip()):
+        parser.error("score-server: one of --entry-script (or env AZUREML_ENTRY_SCRIPT) "
+                     "and --synthetic is required")
     if args.command == "score-server" and args.synthetic is not None:
         from deploy.synthetic import run_synthetic_server
 
@@ -136,8 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec=args.synthetic, host=args.host, port=args.port, log_level=args.log_level
         )
     if args.command == "score-server":
-        import os
-
         from deploy.score_server import run_score_server
 
         if args.model_dir is not None:

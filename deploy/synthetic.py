@@ -165,7 +165,7 @@ def make_app(model: SyntheticModel) -> web.Application:
         return web.Response(body=orjson.dumps(model.stats()), content_type="application/json")
 
     async def score(request: web.Request) -> web.StreamResponse:
-        # The same input checks as an entry script's /score.
+        # The input checks of an inference-schema entry script's /score: JSON bodies only.
         if request.method == "POST":
             if not ss._is_json(request.content_type):
                 return ss.json_error(415, "Expects Content-Type to be application/json")
