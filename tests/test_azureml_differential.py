@@ -384,6 +384,25 @@ def test_timed_out_run_keeps_its_worker_under_mlfe(servers: Servers) -> None:
     assert ours.headers["x-ms-run-function-failed"] == "True"
 
 
+def test_scripts_importing_azmlinfsrv_itself(azmlinfsrv_python: Path, tmp_path: Path) -> None:
+    """Where azmlinfsrv is installed too, a script may import its modules directly: mlfe honours
+    that @rawhttp and sends back its flask responses. (azmlinfsrv's packages are appended to the
+    path, after mlfe's own, as a second installation would be.)"""
+    site = next((AZ_VENV / "lib").glob("python3.*/site-packages"))
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"),
+                                                              str(site)]))}
+    script = "rawhttp_azmlinfsrv_api"
+    az, ours = start_azmlinfsrv(azmlinfsrv_python, script, tmp_path, ENV), start_mlfe(script, tmp_path, env)
+    try:
+        _wait_all([az, ours])
+        for case in (Case(script, "POST", body=b"\x00\x01abc", read_headers=("x-reversed",)),
+                     Case(script, "GET", path="/score?mode=fail")):
+            assert_same(case.send(ours.url), case.send(az.url), case)
+    finally:
+        az.stop()
+        ours.stop()
+
+
 def test_init_failure_exits_like_azmlinfsrv(azmlinfsrv_python: Path, tmp_path: Path) -> None:
     """A raising init(): neither server ever answers; both exit with gunicorn's boot error (3)."""
     az = start_azmlinfsrv(azmlinfsrv_python, "init_fails", tmp_path, ENV)
