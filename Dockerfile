@@ -13,8 +13,9 @@ COPY mlfe ./mlfe
 COPY router ./router
 COPY autoscaler ./autoscaler
 COPY deploy ./deploy
+COPY mlfe_azureml ./mlfe_azureml
 # Runtime dependencies only, with the Kubernetes client the in-cluster router needs; no test,
-# dev, examples or bench extras.
+# dev, examples, bench or azureml extras (a model image adds inference-schema if its script uses it).
 RUN /opt/venv/bin/pip install ".[kubernetes]"
 
 # ---- runtime: the venv on a clean slim base, as a non-root user ------------------------------

@@ -686,8 +686,13 @@ def test_dockerignore_keeps_the_context_small_and_free_of_secrets() -> None:
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", ".mlfe", "tests", "**/__pycache__"} <= ignored
     copied = [a.split()[0] for i, a in stages()[0] if i == "COPY"]
-    assert copied == ["pyproject.toml", "mlfe", "router", "autoscaler", "deploy"]
-    assert not ignored & {"pyproject.toml", "README.md", "mlfe", "router", "autoscaler", "deploy"}
+    assert copied == ["pyproject.toml", "mlfe", "router", "autoscaler", "deploy", "mlfe_azureml"]
+    # Every package pyproject installs is in the build context (else `pip install .` fails).
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert {p.split(".")[0] for p in packages} <= set(copied)
+    assert not ignored & {"pyproject.toml", "README.md", *copied}
 
 
 def test_readme_documents_every_manifest() -> None:
