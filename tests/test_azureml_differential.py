@@ -6,21 +6,19 @@ under azmlinfsrv. Each case sends the same request to both and asserts the same 
 (JSON compared as values: json.dumps puts spaces where orjson does not) and the headers clients
 read. Where mlfe differs on purpose, the case says so and asserts the difference.
 
-azmlinfsrv runs from its own virtualenv (`.azmlinfsrv-venv`, made once by a session fixture and
-kept): it pins pydantic~=2.12 and opentelemetry==1.33, which would hold mlfe's own dependencies
-back if both shared one environment.
+azmlinfsrv runs from its own virtualenv (`.venv-azureml`, made by `make setup`): it pins
+pydantic~=2.12 and opentelemetry==1.33, which would move mlfe's own dependencies back if both
+shared one environment.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
-import venv
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,11 +31,6 @@ import pytest
 from tests.support import REPO, Proc, _track, free_port, spawn, start_router
 
 CORPUS = Path(__file__).parent / "azureml_corpus"
-AZMLINFSRV_VERSION = "1.5.1"
-AZMLINFSRV_PACKAGES = [
-    f"azureml-inference-server-http=={AZMLINFSRV_VERSION}", "inference-schema==1.8", "numpy", "pandas",
-]
-AZ_VENV = REPO / ".azmlinfsrv-venv"
 START_DEADLINE_S = 90.0  # azmlinfsrv (gunicorn + flask + pandas) starts slowly on a busy machine
 SCORING_TIMEOUT_MS = 400
 # Scripts served by every server (init_fails never comes up: tested on its own).
@@ -60,20 +53,11 @@ INTERNAL = "An unexpected internal error occurred. Check the logs for more info.
 
 @pytest.fixture(scope="session")
 def azmlinfsrv_python() -> Path:
-    """The interpreter of a virtualenv with azmlinfsrv, made on first use (a lock serialises
-    concurrent test runs) and kept for later runs."""
-    python = AZ_VENV / "bin" / "python"
-    marker = AZ_VENV / f".installed-{AZMLINFSRV_VERSION}"
-    lock_path = REPO / ".azmlinfsrv-venv.lock"
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
-            venv.create(AZ_VENV, with_pip=True, clear=True)
-            subprocess.run(
-                [str(python), "-m", "pip", "install", "-q", *AZMLINFSRV_PACKAGES],
-                check=True, timeout=900, stdin=subprocess.DEVNULL,
-            )
-            marker.touch()
+    """The interpreter of the virtualenv `make setup` installs mlfe[azureml] into (or the one
+    MLFE_AZMLINFSRV_PYTHON names)."""
+    python = Path(os.environ.get("MLFE_AZMLINFSRV_PYTHON") or REPO / ".venv-azureml" / "bin" / "python")
+    if not python.exists():
+        pytest.skip(f"no {python} (make setup installs mlfe[azureml] there)")
     return python
 
 
@@ -388,7 +372,7 @@ def test_scripts_importing_azmlinfsrv_itself(azmlinfsrv_python: Path, tmp_path: 
     """Where azmlinfsrv is installed too, a script may import its modules directly: mlfe honours
     that @rawhttp and sends back its flask responses. (azmlinfsrv's packages are appended to the
     path, after mlfe's own, as a second installation would be.)"""
-    site = next((AZ_VENV / "lib").glob("python3.*/site-packages"))
+    site = next((azmlinfsrv_python.parent.parent / "lib").glob("python3.*/site-packages"))
     env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"),
                                                               str(site)]))}
     script = "rawhttp_azmlinfsrv_api"
