@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,17 @@ def _healthy(p: Proc) -> bool:
         return False
 
 
+class GroupProc(Proc):
+    """azmlinfsrv is gunicorn: a master and its workers, in a session of their own. Stopping
+    kills the whole group: a killed master would leave its workers running."""
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
 def start_azmlinfsrv(python: Path, script: str, log_dir: Path, env: dict[str, str]) -> Proc:
     port = free_port()
     log_path = log_dir / f"azmlinfsrv-{script}-{port}.log"
@@ -80,7 +92,7 @@ def start_azmlinfsrv(python: Path, script: str, log_dir: Path, env: dict[str, st
             cwd=CORPUS, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=full_env, start_new_session=True,
         )
-    return _track(Proc(proc, log_path, port))
+    return _track(GroupProc(proc, log_path, port))
 
 
 def start_mlfe(script: str, log_dir: Path, env: dict[str, str]) -> Proc:
