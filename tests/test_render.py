@@ -783,7 +783,7 @@ def test_dockerfile_is_multistage_slim_and_runs_as_non_root() -> None:
     installs = [a for i, a in builder if i == "RUN" and "pip install" in a]
     assert installs == ['/opt/venv/bin/pip install ".[kubernetes]"']
     assert not any(i == "RUN" and ("pip install" in a or "apt-get" in a) for i, a in runtime)
-    assert run["EXPOSE"].split() == ["8080", "8081"]
+    assert run["EXPOSE"].split() == ["8080", "8081", "8082"]
     assert json.loads(run["CMD"]) == ["mlfe", "serve", "--config", "/etc/mlfe/config.yaml"]
     assert run["WORKDIR"] == "/var/azureml-app"
     # USER comes before CMD: nothing after it switches back to root.
@@ -812,8 +812,10 @@ def test_dockerignore_keeps_the_context_small_and_free_of_secrets() -> None:
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", ".mlfe", "tests", "**/__pycache__"} <= ignored
     copied = [a.split()[0] for i, a in stages()[0] if i == "COPY"]
-    assert copied == ["pyproject.toml", "mlfe", "router", "autoscaler", "deploy"]
-    assert not ignored & {"pyproject.toml", "README.md", "mlfe", "router", "autoscaler", "deploy"}
+    assert copied == ["pyproject.toml", "mlfe", "router", "autoscaler", "deploy", "examples"]
+    assert not ignored & {"pyproject.toml", "README.md", "mlfe", "router", "autoscaler", "deploy",
+                          "examples"}
+    assert "examples/iris/model" in ignored  # a model trained locally stays out
 
 
 def test_readme_documents_every_manifest() -> None:
