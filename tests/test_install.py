@@ -30,8 +30,14 @@ import yaml
 from tests.support import REPO, Proc, free_port
 
 BUILD_TIMEOUT_S = 120
-SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist",
-                              ".mlfe", ".*_cache", "model", "results")
+_SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist",
+                               ".mlfe", ".*_cache")
+# Local output that a checkout may hold and a release never does.
+_LOCAL = {REPO / "examples" / "iris" / "model", REPO / "benchmarks" / "results"}
+
+
+def skip(directory: str, names: list[str]) -> set[str]:
+    return set(_SKIP(directory, names)) | {n for n in names if Path(directory) / n in _LOCAL}
 
 
 @dataclass
@@ -61,7 +67,7 @@ def build_backend(hook: str, out: Path, cwd: Path) -> Path:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = tmp_path_factory.mktemp("install")
     src = root / "src"
-    shutil.copytree(REPO, src, ignore=SKIP)
+    shutil.copytree(REPO, src, ignore=skip)
     dist = root / "dist"
     sdist = build_backend("build_sdist", dist, src)
     with tarfile.open(sdist) as tar:
