@@ -277,8 +277,8 @@ def _load_bundled(log_level: str) -> tuple[MlfeConfig, Path] | None:
     """The bundled example, or None after saying why it cannot run here."""
     missing = missing_example_modules()
     if missing:
-        print(f"mlfe: the bundled example model needs {', '.join(missing)}, which is not "
-              f"installed: {EXAMPLES_EXTRA_HINT} (or serve your own: mlfe up --config FILE)",
+        print(f"mlfe: the bundled example model needs {', '.join(missing)} (not installed "
+              f"here): {EXAMPLES_EXTRA_HINT}, or serve your own: mlfe up --config FILE",
               file=sys.stderr)
         return None
     logs.configure(log_level)
