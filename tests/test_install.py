@@ -30,7 +30,7 @@ import yaml
 from tests.support import REPO, Proc, free_port
 
 BUILD_TIMEOUT_S = 120
-_SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist",
+_SKIP = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", "build", "dist",
                                ".mlfe", ".*_cache")
 # Local output that a checkout may hold and a release never does.
 _LOCAL = {REPO / "examples" / "iris" / "model", REPO / "benchmarks" / "results"}
