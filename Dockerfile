@@ -14,6 +14,8 @@ COPY router ./router
 COPY autoscaler ./autoscaler
 COPY deploy ./deploy
 COPY mlfe_azureml ./mlfe_azureml
+# The bundled examples ship inside the package (deploy/examples/ in the wheel: pyproject.toml).
+COPY examples ./examples
 # Runtime dependencies only, with the Kubernetes client the in-cluster router needs; no test,
 # dev, examples, bench or azureml extras (a model image adds inference-schema if its script uses it).
 RUN /opt/venv/bin/pip install ".[kubernetes]"
@@ -31,8 +33,9 @@ RUN groupadd --system --gid 10001 mlfe \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /var/azureml-app
 USER 10001:10001
-# 8080 scoring, 8081 admin API and /metrics (the config must listen on 0.0.0.0 in a container).
-EXPOSE 8080 8081
+# 8080 scoring, 8081 admin API, 8082 /metrics alone (router.metrics_listen; the config must
+# listen on 0.0.0.0 in a container).
+EXPOSE 8080 8081 8082
 # No curl in the slim image: Python asks the router's liveness route.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/-/healthy', timeout=2).status == 200 else 1)"]

@@ -71,6 +71,28 @@ class AdminClient:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The answer's JSON object (None for an empty answer), or `AdminError`."""
+        resp = self._send(method, path, body)
+        if not resp.content:
+            return None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):  # every admin API answer is a JSON object
+            raise AdminError(
+                f"{method} {path}: {self.base_url} answered {resp.status_code} with something "
+                f"other than a JSON object (is it the admin API?): {_snippet(resp.text)}"
+            )
+        return data
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def text(self, path: str) -> str:
+        """A GET whose answer is text (`/metrics`)."""
+        return self._send("GET", path, None).text
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
         import httpx
 
         try:
@@ -92,21 +114,7 @@ class AdminClient:
             ) from None
         if resp.status_code >= 400:
             raise AdminError(_error_message(resp, self.base_url))
-        if not resp.content:
-            return None
-        try:
-            data = resp.json()
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):  # every admin API answer is a JSON object
-            raise AdminError(
-                f"{method} {path}: {self.base_url} answered {resp.status_code} with something "
-                f"other than a JSON object (is it the admin API?): {_snippet(resp.text)}"
-            )
-        return data
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
+        return resp
 
 
 def _reason(e: Exception) -> str:
@@ -148,11 +156,20 @@ def resolve_admin_url(given: str | None) -> str:
     return url
 
 
-def resolve_token(given: str | None, state_dir: str) -> str:
+def default_state_dir() -> Path:
+    """The state dir of a router started here: ./.mlfe (a config's default) when it holds an
+    admin token, else the one of `mlfe up` with no config (deploy/bundled.py)."""
+    from deploy.bundled import user_data_dir
+
+    local = Path(DEFAULT_STATE_DIR)
+    return local if (local / ADMIN_TOKEN_FILE).exists() else user_data_dir()
+
+
+def resolve_token(given: str | None, state_dir: str | None) -> str:
     """--token, else MLFE_ADMIN_TOKEN, else <state-dir>/admin-token. Never echoed."""
     token = given or os.environ.get(ADMIN_TOKEN_ENV)
     if not token:
-        path = Path(state_dir) / ADMIN_TOKEN_FILE
+        path = (Path(state_dir) if state_dir else default_state_dir()) / ADMIN_TOKEN_FILE
         try:
             token = path.read_text().strip()
         except FileNotFoundError:
@@ -186,9 +203,10 @@ def _common(json_output: bool = True) -> argparse.ArgumentParser:
         help=f"the admin token (default: ${ADMIN_TOKEN_ENV}, else <state-dir>/{ADMIN_TOKEN_FILE})",
     )
     g.add_argument(
-        "--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+        "--state-dir", metavar="DIR",
         help="the router's state directory, where it keeps a generated admin token "
-             "(default: %(default)s)",
+             f"(default: {DEFAULT_STATE_DIR} if it holds one, else $XDG_DATA_HOME/mlfe or "
+             "~/.local/share/mlfe: that of `mlfe up` with no config)",
     )
     if json_output:
         p.add_argument("--json", action="store_true", help="print the server's JSON answer")
@@ -239,6 +257,12 @@ def add_admin_commands(sub: SubParsers) -> None:
     p = command(sub, "services", _services, "list the services, or show one")
     p.add_argument("name", metavar="SERVICE", nargs="?", help="show this service only")
     command(sub, "stats", _stats, "live counts per service (what the autoscaler reads)")
+    p = command(sub, "top", _top, "a live view per service, refreshed every second: rate, "
+                "p50/p99 latency, queue, replicas, 503s (Ctrl-C stops)", json_output=False)
+    p.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("-n", "--iterations", type=int, default=0, metavar="N",
+                   help="stop after N refreshes (default: run until Ctrl-C)")
 
     ep = sub.add_parser("endpoint", help="endpoints and their versions (traffic split)",
                         description="Endpoints and their versions (traffic split).")
@@ -439,6 +463,22 @@ def _stats(client: AdminClient, args: argparse.Namespace) -> int:
          for name, s in stats.items()],
     )
     return 0
+
+
+def _positive(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        v = 0.0
+    if not 0 < v < 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 3600, got {value!r}")
+    return v
+
+
+def _top(client: AdminClient, args: argparse.Namespace) -> int:
+    from deploy.top import run_top
+
+    return run_top(client, interval=args.interval, iterations=args.iterations)
 
 
 def _split(ep: dict[str, Any]) -> str:

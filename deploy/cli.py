@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from mlfe import __version__
 
@@ -30,13 +29,26 @@ def _add_score_server(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--port", type=int, default=5001, help="port to listen on (0: any free one)")
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+def _hostport(value: str) -> str:
+    from mlfe.config import parse_hostport
+
+    try:
+        parse_hostport(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="start here: serve a config (by default the bundled example) "
                        "and print each scoring URI, key and a curl line to try")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML configuration file")
+    p.add_argument("--config", help="YAML configuration file (default: the bundled iris "
+                   "example, its keys and model under $XDG_DATA_HOME/mlfe or "
+                   "~/.local/share/mlfe)")
+    for key, what in (("listen", "the scoring port"), ("admin_listen", "the admin API"),
+                      ("metrics_listen", "a metrics-only listener (GET /metrics, no token)")):
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=_hostport,
+                       metavar="HOST:PORT", help=f"{what} (overrides router.{key})")
     p = sub.add_parser("serve", help="run the router, its local replicas and the autoscaler "
                        "(what a container runs; like `up` without the friendly output)")
     p.add_argument("--config", required=True, help="YAML configuration file")
@@ -74,6 +86,9 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--generate-secret", action="store_true",
                    help="include the Secret mlfe-keys with fresh keys, signing key and admin "
                    "token (first install only: applying it again rotates every key)")
+    p.add_argument("--monitor", choices=["service", "pod"],
+                   help="also a Prometheus Operator ServiceMonitor (service) or PodMonitor (pod) "
+                   "of the router's metrics port")
     p.add_argument("--sidecar", action="store_true",
                    help="instead: add mlfe as a sidecar (`mlfe sidecar`) to the Deployment of "
                    "--deployment FILE and point its pods' Service at mlfe (--router-image is "
@@ -155,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("serve", "up"):
         from deploy.runtime import run
 
-        return run(args.config, log_level=args.log_level, friendly=args.command == "up")
+        overrides = {k: getattr(args, k) for k in ("listen", "admin_listen", "metrics_listen")
+                     if getattr(args, k, None) is not None}
+        return run(args.config, log_level=args.log_level, friendly=args.command == "up",
+                   router_overrides=overrides)
     if args.command == "worker":
         from deploy.workers import run_worker
 
@@ -182,9 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "render" and args.sidecar:
         from deploy.render import run_render_sidecar
 
-        if args.deployment is None or args.config is not None or args.image is not None:
-            print("mlfe render: --sidecar takes --deployment FILE, and neither --config nor "
-                  "--image", file=sys.stderr)
+        if (args.deployment is None or args.config is not None or args.image is not None
+                or args.monitor is not None):
+            print("mlfe render: --sidecar takes --deployment FILE, and neither --config, "
+                  "--image nor --monitor", file=sys.stderr)
             return 2
         return run_render_sidecar(
             deployment=args.deployment, target=args.target, namespace=args.namespace,
@@ -202,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_render(
             config=args.config, target=args.target, namespace=args.namespace, image=args.image,
             router_image=args.router_image, output=args.output,
-            generate_secret=args.generate_secret,
+            generate_secret=args.generate_secret, monitor=args.monitor,
         )
     raise AssertionError(args.command)
 

@@ -47,6 +47,8 @@ from mlfe.config import NAME_RE, ConfigError, MlfeConfig, ServiceConfig, parse_c
 Manifest = dict[str, Any]
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "kubernetes"
+# Optional Prometheus Operator objects (`--monitor service|pod`).
+MONITORS = {"service": "servicemonitor.yaml", "pod": "podmonitor.yaml"}
 TARGETS = ("kubernetes",)
 
 DEFAULT_NAMESPACE = "mlfe"
@@ -59,6 +61,7 @@ TLS_SECRET = "mlfe-tls"  # kubernetes.io/tls, created by the user when router.tl
 # The container's contract (deploy/kubernetes/deployment.yaml, Dockerfile).
 SCORING_PORT = 8080
 ADMIN_PORT = 8081
+METRICS_PORT = 8082  # router.metrics_listen: GET /metrics alone, no token
 CONFIG_DIR = PurePosixPath("/etc/mlfe")
 STATE_DIR = PurePosixPath("/var/lib/mlfe")
 TLS_DIR = PurePosixPath("/etc/mlfe-tls")
@@ -88,6 +91,7 @@ class RenderOptions:
     image: str | None = None  # the model replicas' image (the user's app, FROM mlfe)
     router_image: str | None = None  # default: mlfe:<version of this package>
     generate_secret: bool = False
+    monitor: str | None = None  # "service" or "pod": a Prometheus Operator monitor (MONITORS)
 
 
 def default_router_image() -> str:
@@ -114,6 +118,20 @@ def load_static_manifests(directory: Path = MANIFEST_DIR) -> list[Manifest]:
             f"cannot read the router's manifests in {directory}: {e.strerror} "
             "(mlfe render needs a source checkout or an install that ships deploy/kubernetes/)"
         ) from None
+    return docs
+
+
+def monitor_objects(kind: str, namespace: str, directory: Path = MANIFEST_DIR) -> list[Manifest]:
+    """The Prometheus Operator's ServiceMonitor (``service``) or PodMonitor (``pod``) of the
+    router's metrics port, in ``namespace``."""
+    path = directory / "monitoring" / MONITORS[kind]
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text("utf-8")) if d]
+    except OSError as e:
+        raise RenderError(f"cannot read {path}: {e.strerror}") from None
+    for d in docs:
+        meta = d["metadata"]
+        d["metadata"] = {"name": meta.pop("name"), "namespace": namespace, **meta}
     return docs
 
 
@@ -170,6 +188,7 @@ def cluster_config(
     router: dict[str, Any] = out.setdefault("router", {})
     router["listen"] = f"0.0.0.0:{SCORING_PORT}"
     router["admin_listen"] = f"0.0.0.0:{ADMIN_PORT}"
+    router["metrics_listen"] = f"0.0.0.0:{METRICS_PORT}"
     router["state_dir"] = str(STATE_DIR)
     router.pop("data_dir", None)  # the default: <state_dir>/modeldata, on the pod's volume
     if not router.get("token_issuers"):
@@ -494,6 +513,8 @@ def render_kubernetes(cfg: MlfeConfig, base_dir: Path, opts: RenderOptions) -> l
     config, extra = cluster_config(cfg, base_dir, opts.namespace)
     config_text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
     docs = router_objects(cfg, opts, config_text, extra)
+    if opts.monitor is not None:
+        docs.extend(monitor_objects(opts.monitor, opts.namespace))
     for name in models:
         assert opts.image is not None
         docs.extend(model_objects(name, cfg.services[name], base_dir, opts.namespace, opts.image))
@@ -528,7 +549,8 @@ def _is_model(doc: Manifest) -> bool:
 
 def write_output(docs: list[Manifest], output: str, header: str) -> list[Path]:
     """`-`: everything to stdout. A directory: router.yaml, secret.yaml (owner-only, with
-    --generate-secret) and one service-<name>.yaml per model service."""
+    --generate-secret), monitoring.yaml (with --monitor) and one service-<name>.yaml per model
+    service."""
     if output == "-":
         sys.stdout.write(dump_documents(docs, header))
         return []
@@ -540,6 +562,8 @@ def write_output(docs: list[Manifest], output: str, header: str) -> list[Path]:
     for d in docs:
         if d["kind"] == "Secret":
             files.setdefault("secret.yaml", []).append(d)
+        elif d["apiVersion"].startswith("monitoring.coreos.com/"):
+            files.setdefault("monitoring.yaml", []).append(d)  # needs the Operator's CRDs
         elif _is_model(d):
             files.setdefault(f"service-{d['metadata']['name']}.yaml", []).append(d)
         else:
@@ -571,6 +595,7 @@ def run_render(
     router_image: str | None = None,
     output: str | None = None,
     generate_secret: bool = False,
+    monitor: str | None = None,
 ) -> int:
     """The `mlfe render` command: 0, or 2 with the reason on stderr."""
     if not _known_target(target):
@@ -580,6 +605,7 @@ def run_render(
         image=image,
         router_image=router_image,
         generate_secret=generate_secret,
+        monitor=monitor,
     )
     try:
         cfg = load_config(config)

@@ -12,7 +12,8 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ import uvloop
 from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_decider import RouterScalingSpec
 from autoscaler.router_loop import DeltaProbe, DeploymentPods, RouterScaler, WorkerActuator
+from deploy import logs
+from deploy.bundled import (
+    EXAMPLES_EXTRA_HINT,
+    bundled_config,
+    missing_example_modules,
+)
 from deploy.cgroup import PROC_SELF_CGROUP, cpu_seconds_source
 from deploy.cluster import Cluster, uses_kubernetes
 from deploy.lifecycle import ProcessLife
@@ -31,7 +38,8 @@ from deploy.up import print_welcome, status_line_loop
 from deploy.workers import WorkerPool, broker_address, resolve_workers, supervisor_mode
 from mlfe.clock import MonotonicClock
 from mlfe.config import ConfigError, MlfeConfig, inert_settings
-from router.admin import AdminApi, admin_token
+from router.admin import AdminApi, MetricsApi, admin_token
+from router.metrics import RouterProcessCollector
 from router.server import Membership, Router
 from router.slots import DEFAULT_GRACE_S, BrokerServer
 
@@ -78,6 +86,10 @@ class Runtime:
                              workers=self.broker if supervise else None,
                              membership=membership, scaling=self._scaling_status)
         self.admin = AdminApi(self.router, admin_token(cfg.router.state_dir))
+        self.metrics_api = MetricsApi(self.router.metrics) if cfg.router.metrics_listen else None
+        self.router.metrics.register(RouterProcessCollector(
+            workers=self._worker_count, cpu_seconds=self._cpu_seconds,
+            desired_workers=self._desired_workers))
         self.target = LocalTarget(self.router.services, base_dir, self.supervisor)
         self.autoscaler = AutoscalerLoop(counts=self.router, actuator=self.target,
                                          clock=MonotonicClock(), supervisor=self.supervisor)
@@ -123,6 +135,17 @@ class Runtime:
         return RouterScaler(spec=spec, probe=probe, workers=actuator, pods=pods,
                             supervisor=self.supervisor)
 
+    def _worker_count(self) -> int:
+        return self.workers.count if self.workers is not None else 1
+
+    def _cpu_seconds(self) -> float:
+        own = time.process_time()
+        return own + self.workers.cpu_seconds() if self.workers is not None else own
+
+    def _desired_workers(self) -> int | None:
+        status = self.self_scaler.status() if self.self_scaler is not None else None
+        return None if status is None else status.decision.workers
+
     def _scaling_status(self, name: str) -> dict[str, Any]:
         loop = self.autoscaler
         if self.cluster is not None and self.cluster.autoscaler is not None and (
@@ -155,6 +178,9 @@ class Runtime:
         if self.self_scaler is not None:
             self.self_scaler.start()
         await self.admin.start(*self.cfg.router.admin_addr)
+        metrics_addr = self.cfg.router.metrics_addr
+        if self.metrics_api is not None and metrics_addr is not None:
+            await self.metrics_api.start(*metrics_addr)
         self.target.configure(self.router.services, self.cfg.services)
         self.autoscaler.set_services(
             {n: scaling_spec(c) for n, c in self.cfg.services.items() if is_local(c)}
@@ -178,6 +204,8 @@ class Runtime:
         await self.target.close()
         await self.router.close()
         await self.admin.close()
+        if self.metrics_api is not None:
+            await self.metrics_api.close()
         if self.broker is not None:
             await self.broker.close()
 
@@ -190,8 +218,10 @@ async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False,
     try:
         await rt.start()
         settle_heap()
+        metrics = (f", metrics on http://{cfg.router.metrics_addr[0]}:{rt.metrics_api.port}"
+                   "/metrics" if rt.metrics_api is not None and cfg.router.metrics_addr else "")
         print(f"mlfe: scoring on {rt.router.base_url}, admin on "
-              f"http://{cfg.router.admin_addr[0]}:{rt.admin.port}", flush=True)
+              f"http://{cfg.router.admin_addr[0]}:{rt.admin.port}{metrics}", flush=True)
         if friendly:
             print_welcome(rt.router)
             life.supervisor.spawn(status_line_loop(rt.router), name="status line")
@@ -202,10 +232,19 @@ async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False,
     return life.exit_code
 
 
-def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False) -> int:
-    cfg = load_for_serving(config_path, log_level)
-    if cfg is None:
+def run(config_path: str | Path | None, log_level: str = "INFO", friendly: bool = False,
+        router_overrides: Mapping[str, str] | None = None) -> int:
+    """Serve ``config_path``; with None (`mlfe up` alone), the bundled example from the package
+    (deploy/bundled.py). ``router_overrides``: router keys given on the command line (listen
+    addresses), already validated."""
+    if config_path is None:
+        loaded = _load_bundled(log_level)
+    else:
+        cfg = load_for_serving(config_path, log_level)
+        loaded = None if cfg is None else (cfg, Path(config_path))
+    if loaded is None:
         return 2
+    cfg, path = loaded
     problem = check_replica_servers(cfg.services)
     if problem is not None:
         print(f"mlfe: {problem}", file=sys.stderr)
@@ -214,13 +253,41 @@ def run(config_path: str | Path, log_level: str = "INFO", friendly: bool = False
     if inert:  # accepted (azureml's deploy configuration), but nothing here acts on them
         log.warning("accepted, without effect in this run: %s (README: Coming from Azure ML)",
                     ", ".join(inert))
+    if router_overrides:
+        if supervisor_mode(cfg):  # worker processes read the file itself
+            print("mlfe: --listen, --admin-listen and --metrics-listen cannot be used with "
+                  "router.workers or self_scaling.max_workers > 1: set them in the config file",
+                  file=sys.stderr)
+            return 2
+        cfg = cfg.model_copy(
+            update={"router": cfg.router.model_copy(update=dict(router_overrides))})
     # Relative paths in a config (entry scripts, model dirs) are relative to the config file.
-    base_dir = Path(config_path).resolve().parent
+    base_dir = path.resolve().parent
     try:
-        return uvloop.run(serve(cfg, base_dir, friendly, Path(config_path).resolve()))
+        return uvloop.run(serve(cfg, base_dir, friendly, path.resolve()))
     except ConfigError as e:  # found only at start (e.g. no Kubernetes API to talk to)
         print(f"mlfe: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"mlfe: cannot listen: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _load_bundled(log_level: str) -> tuple[MlfeConfig, Path] | None:
+    """The bundled example, or None after saying why it cannot run here."""
+    missing = missing_example_modules()
+    if missing:
+        print(f"mlfe: the bundled example model needs {', '.join(missing)} (not installed "
+              f"here): {EXAMPLES_EXTRA_HINT}, or serve your own: mlfe up --config FILE",
+              file=sys.stderr)
+        return None
+    logs.configure(log_level)
+    try:
+        cfg, path = bundled_config()
+    except (ConfigError, OSError) as e:
+        print(f"mlfe: cannot set up the bundled example: {e}", file=sys.stderr)
+        return None
+    logs.configure(log_level, cfg.router.log_format)
+    print(f"mlfe: serving the bundled example {path}; state in {cfg.router.state_dir}",
+          flush=True)
+    return cfg, path

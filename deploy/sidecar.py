@@ -16,7 +16,8 @@ upper-cased with `MLFE_` in front, validated by the same models as the YAML (dep
   `MLFE_PERIOD_SECONDS`, `MLFE_INITIAL_DELAY_SECONDS`, `MLFE_TIMEOUT_SECONDS`,
   `MLFE_SUCCESS_THRESHOLD`, `MLFE_FAILURE_THRESHOLD`;
 - the router: `MLFE_LISTEN` (default `0.0.0.0:8080`: the pod's scoring port must be reachable),
-  `MLFE_ADMIN_LISTEN` (default `127.0.0.1:8081`), `MLFE_STATE_DIR`, `MLFE_MAX_BODY_BYTES`,
+  `MLFE_ADMIN_LISTEN` (default `127.0.0.1:8081`), `MLFE_METRICS_LISTEN` (`GET /metrics` alone,
+  without the admin token; off by default), `MLFE_STATE_DIR`, `MLFE_MAX_BODY_BYTES`,
   `MLFE_TLS_CERT_FILE` + `MLFE_TLS_KEY_FILE`, `MLFE_TOKEN_ISSUERS` (JSON),
   `MLFE_TOKEN_LIFETIME_S`, `MLFE_TOKEN_LEEWAY_S`, `MLFE_MAX_HEADER_BYTES`,
   `MLFE_MAX_HEADER_COUNT`, `MLFE_CLIENT_HEADER_TIMEOUT_S`, `MLFE_CLIENT_BODY_TIMEOUT_S`,
@@ -410,7 +411,7 @@ class UpstreamHealth:
 async def serve(settings: SidecarSettings) -> int:
     """Router + admin API + the upstream probe; on SIGTERM/SIGINT: unready, drain, exit 0
     (1 when a supervised task died)."""
-    from router.admin import AdminApi, admin_token
+    from router.admin import AdminApi, MetricsApi, admin_token
     from router.server import Router
     from router.services import grant_all
 
@@ -433,9 +434,13 @@ async def serve(settings: SidecarSettings) -> int:
     router = Router(cfg, asyncio.get_running_loop(), supervisor=life.supervisor,
                     ready_check=health.is_ready)
     admin = AdminApi(router, admin_token(cfg.router.state_dir))
+    metrics_addr = cfg.router.metrics_addr
+    metrics = MetricsApi(router.metrics) if metrics_addr is not None else None
     try:
         await router.start()
         await admin.start(*cfg.router.admin_addr)
+        if metrics is not None and metrics_addr is not None:
+            await metrics.start(*metrics_addr)
         health.start()
         settle_heap()
         print(f"mlfe sidecar: scoring on {router.scoring_uri('service/' + settings.service)}"
@@ -449,6 +454,8 @@ async def serve(settings: SidecarSettings) -> int:
         await health.stop()
         await router.close()
         await admin.close()
+        if metrics is not None:
+            await metrics.close()
         await life.supervisor.stop()
     return life.exit_code
 

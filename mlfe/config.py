@@ -124,6 +124,9 @@ class SelfScalingSettings(_Model):
 class RouterSettings(_Model):
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:8081"
+    # GET /metrics alone, without the admin token, for a stock Prometheus (off by default; on in
+    # the rendered manifests). The admin port keeps /metrics too, behind its token.
+    metrics_listen: str | None = None
     state_dir: Path = Path(".mlfe")
     cluster_purpose: Literal["FastProd", "DenseProd", "DevTest"] = "FastProd"
     max_body_bytes: PositiveInt = 100 * 1024 * 1024
@@ -150,10 +153,11 @@ class RouterSettings(_Model):
     data_dir: Path | None = None
     log_format: Literal["json", "text"] = "json"
 
-    @field_validator("listen", "admin_listen")
+    @field_validator("listen", "admin_listen", "metrics_listen")
     @classmethod
-    def _hostport(cls, v: str) -> str:
-        parse_hostport(v)
+    def _hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v)
         return v
 
     @property
@@ -163,6 +167,10 @@ class RouterSettings(_Model):
     @property
     def admin_addr(self) -> tuple[str, int]:
         return parse_hostport(self.admin_listen)
+
+    @property
+    def metrics_addr(self) -> tuple[str, int] | None:
+        return None if self.metrics_listen is None else parse_hostport(self.metrics_listen)
 
 
 class KubernetesDeployment(_Model):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from mlfe.config import ConfigError, VersionConfig
 from router.keystore import atomic_write
@@ -51,6 +51,47 @@ def admin_token(state_dir: Path) -> str:
     token = secrets.token_urlsafe(32)
     atomic_write(path, token.encode())
     return token
+
+
+def exposition(registry: CollectorRegistry) -> web.Response:
+    """The registry in Prometheus's text exposition format (the admin port's `/metrics` and the
+    metrics listener's)."""
+    return web.Response(body=generate_latest(registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on host:port (0: any free port); the runner and the port bound."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family)
+    await web.SockSite(runner, sock).start()
+    return runner, int(sock.getsockname()[1])
+
+
+class MetricsApi:
+    """`router.metrics_listen`: `GET /metrics` and nothing else, without a token, so that a stock
+    Prometheus can scrape it. No admin route, key or secret is reachable here; the admin port
+    keeps its own `/metrics` behind the admin token."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self.app = web.Application()
+        self.app.router.add_get("/metrics", self.metrics)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return exposition(self._registry)
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner, self.port = await _serve(self.app, host, port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -105,12 +146,7 @@ class AdminApi:
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family)
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
+        self._runner, self.port = await _serve(self.app, host, port)
         log.info("admin API on http://%s:%d", host, self.port)
 
     async def close(self) -> None:
@@ -192,8 +228,7 @@ class AdminApi:
         return json_response(self._router.authority.issue(name, time.time()))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self._router.metrics),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return exposition(self._router.metrics)
 
     async def jwks(self, request: web.Request) -> web.Response:
         return json_response(self._router.authority.jwks())

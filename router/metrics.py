@@ -207,3 +207,30 @@ class RouterCollector(Collector):
                 utilization.add_metric([name], st.utilization)
         yield from (in_flight, queued, replicas, utilization)
         yield from self._extra()
+
+
+class RouterProcessCollector(Collector):
+    """The router's own processes, read when scraped: ``workers`` the worker processes serving
+    the scoring port now (1 for a router of one process), ``desired_workers`` what the
+    self-scaler last asked for (None without one), ``cpu_seconds`` the CPU time the router's
+    processes used (a counter that drops when a worker is replaced: Prometheus reads that as a
+    reset)."""
+
+    def __init__(self, workers: Callable[[], int], cpu_seconds: Callable[[], float],
+                 desired_workers: Callable[[], int | None] = lambda: None) -> None:
+        self._workers = workers
+        self._cpu_seconds = cpu_seconds
+        self._desired = desired_workers
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily("mlfe_router_workers",
+                                    "The router's worker processes: current, and desired by its "
+                                    "self-scaler.", labels=["state"])
+        current = self._workers()
+        workers.add_metric(["current"], current)
+        desired = self._desired()
+        workers.add_metric(["desired"], current if desired is None else desired)
+        yield workers
+        yield CounterMetricFamily("mlfe_router_cpu_seconds",
+                                  "CPU time (user + system) used by the router's own processes.",
+                                  value=self._cpu_seconds())

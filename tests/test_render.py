@@ -125,10 +125,11 @@ def test_static_manifests_validate_and_are_all_listed() -> None:
     validate(docs)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding",
-                     "Secret", "Service", "Service", "ServiceAccount"]
+                     "Secret", "Service", "Service", "Service", "ServiceAccount"]
     # The static config is a valid config with the container's addresses.
     cfg = parse_config(yaml.safe_load(find(docs, "ConfigMap", "mlfe-config")["data"]["config.yaml"]))
     assert cfg.router.listen == "0.0.0.0:8080" and cfg.router.admin_listen == "0.0.0.0:8081"
+    assert cfg.router.metrics_listen == "0.0.0.0:8082"
     assert str(cfg.router.state_dir) == "/var/lib/mlfe"
 
 
@@ -138,7 +139,8 @@ def test_quickstart_renders_valid_manifests(quickstart: list[Doc]) -> None:
         ("ServiceAccount", "mlfe-router"), ("Role", "mlfe-router"),
         ("RoleBinding", "mlfe-router"), ("ConfigMap", "mlfe-config"),
         ("Deployment", "mlfe-router"), ("Service", "mlfe-router"),
-        ("Service", "mlfe-router-admin"), ("PodDisruptionBudget", "mlfe-router"),
+        ("Service", "mlfe-router-admin"), ("Service", "mlfe-router-metrics"),
+        ("PodDisruptionBudget", "mlfe-router"),
         ("Deployment", "iris"), ("Service", "iris"),
     ])
     assert {d["metadata"]["namespace"] for d in quickstart} == {"mlfe"}
@@ -165,7 +167,7 @@ def test_the_validator_cli_accepts_the_output_dir(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == 11
+    assert result.stdout.count("passed") == 12
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -298,7 +300,7 @@ def test_router_deployment_is_hardened_spread_and_probed(quickstart: list[Doc]) 
     router = container(dep, "router")
     assert router["command"] == ["mlfe", "serve", "--config", "/etc/mlfe/config.yaml"]
     ports = {p["name"]: p["containerPort"] for p in router["ports"]}
-    assert ports == {"scoring": 8080, "admin": 8081}
+    assert ports == {"scoring": 8080, "admin": 8081, "metrics": 8082}
     assert router["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "scoring",
                                                   "scheme": "HTTP"}
     assert router["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "scoring",
@@ -346,10 +348,134 @@ def test_router_services_expose_scoring_outside_and_admin_inside(quickstart: lis
     admin = find(quickstart, "Service", "mlfe-router-admin")
     assert admin["spec"]["type"] == "ClusterIP"
     assert [(p["port"], p["targetPort"]) for p in admin["spec"]["ports"]] == [(8081, "admin")]
-    annotations = admin["metadata"]["annotations"]
+    # A Prometheus following the annotations must not be sent to the token-guarded admin port.
+    assert "prometheus.io/scrape" not in admin["metadata"].get("annotations", {})
+
+
+def test_prometheus_annotations_point_at_the_metrics_listener(quickstart: list[Doc]) -> None:
+    """What a stock Prometheus follows: the annotated Service's port is the router container's
+    `metrics` port, which the rendered config's metrics_listen opens (GET /metrics, no token)."""
+    metrics = find(quickstart, "Service", "mlfe-router-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
+    assert metrics["spec"]["selector"] == ROUTER_LABELS
+    assert [(p["port"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [(8082, "metrics")]
+    annotations = metrics["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (
-        "8081", "/metrics")
+        "8082", "/metrics")
+    router = container(find(quickstart, "Deployment", "mlfe-router"), "router")
+    ports = {p["name"]: p["containerPort"] for p in router["ports"]}
+    assert ports["metrics"] == 8082
+    cfg = parse_config(yaml.safe_load(find(quickstart, "ConfigMap", "mlfe-config")["data"]["config.yaml"]))
+    assert cfg.router.metrics_addr == ("0.0.0.0", 8082)
+
+
+# ---- Prometheus Operator monitors (--monitor) ---------------------------------------------------
+
+# kubernetes-validate knows only the built-in kinds. A monitor is checked in three parts: its
+# metadata and label selector against the built-in schemas of those types (inside a ConfigMap and
+# a PodDisruptionBudget), and its spec against the fields the Prometheus Operator's
+# monitoring.coreos.com/v1 API defines for them (closed: an unknown field is an error, as in
+# strict validation).
+_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_ENDPOINT = {
+    "type": "object", "additionalProperties": False, "required": ["port"],
+    "properties": {"port": {"type": "string", "minLength": 1}, "path": {"type": "string"},
+                   "scheme": {"enum": ["http", "https"]},
+                   "interval": {"type": "string", "pattern": _DURATION}},
+}
+MONITOR_SPECS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": {"type": "object", "additionalProperties": False,
+                       "required": ["selector", "endpoints"],
+                       "properties": {"selector": {"type": "object"},
+                                      "endpoints": {"type": "array", "minItems": 1,
+                                                    "items": _ENDPOINT}}},
+    "PodMonitor": {"type": "object", "additionalProperties": False,
+                   "required": ["selector", "podMetricsEndpoints"],
+                   "properties": {"selector": {"type": "object"},
+                                  "podMetricsEndpoints": {"type": "array", "minItems": 1,
+                                                          "items": _ENDPOINT}}},
+}
+
+
+def validate_monitor(doc: Doc) -> None:
+    import jsonschema
+
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+    validate([{"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+              {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+               "metadata": {"name": "selector-check"},
+               "spec": {"maxUnavailable": 1, "selector": doc["spec"]["selector"]}}])
+    jsonschema.validate(doc["spec"], MONITOR_SPECS[doc["kind"]])
+
+
+def matches(selector: Doc, labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+@pytest.mark.parametrize("kind", ["service", "pod"])
+def test_monitor_is_valid_and_scrapes_the_metrics_port(
+    kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, docs, err = run_render(capsys, QUICKSTART, "--image", "iris:1", "--monitor", kind,
+                                 "--namespace", "obs")
+    assert code == 0, err
+    monitors = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    validate([d for d in docs if d not in monitors])
+    (monitor,) = monitors
+    validate_monitor(monitor)
+    assert monitor["metadata"]["namespace"] == "obs"
+    router = find(docs, "Deployment", "mlfe-router")
+    if kind == "service":
+        assert monitor["kind"] == "ServiceMonitor"
+        # It selects the metrics Service only (not the scoring or admin one), on its port.
+        selected = [d for d in docs if d["kind"] == "Service"
+                    and matches(monitor["spec"]["selector"], d["metadata"].get("labels", {}))]
+        assert [d["metadata"]["name"] for d in selected] == ["mlfe-router-metrics"]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] in [p["name"] for p in selected[0]["spec"]["ports"]]
+    else:
+        assert monitor["kind"] == "PodMonitor"
+        assert matches(monitor["spec"]["selector"],
+                       router["spec"]["template"]["metadata"]["labels"])
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert endpoint["port"] == "metrics"
+        assert "metrics" in [p["name"] for p in container(router, "router")["ports"]]
+    assert endpoint["path"] == "/metrics" and endpoint["scheme"] == "http"
+
+
+def test_monitor_validation_catches_an_unknown_field() -> None:
+    import jsonschema
+
+    doc = render.monitor_objects("service", "mlfe")[0]
+    doc["spec"]["endpoints"][0]["bearerTokenSecret"] = {"name": "mlfe-keys"}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_monitor(doc)
+
+
+def test_without_monitor_no_operator_object_is_rendered(quickstart: list[Doc]) -> None:
+    assert not [d for d in quickstart if d["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+def test_monitor_goes_to_its_own_file(tmp_path: Path) -> None:
+    out = tmp_path / "rendered"
+    assert main(["render", "--config", str(QUICKSTART), "--target", "kubernetes",
+                 "--image", "iris:1", "--monitor", "pod", "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["monitoring.yaml", "router.yaml",
+                                                     "service-iris.yaml"]
+    (doc,) = [d for d in yaml.safe_load_all((out / "monitoring.yaml").read_text()) if d]
+    assert doc["kind"] == "PodMonitor"
+
+
+def test_the_monitoring_overlay_lists_the_static_monitors() -> None:
+    overlay = MANIFESTS / "monitoring"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "servicemonitor.yaml"]
+    for name in render.MONITORS.values():
+        (doc,) = [d for d in yaml.safe_load_all((overlay / name).read_text()) if d]
+        validate_monitor(doc)
 
 
 def test_config_map_points_services_at_their_deployments(quickstart: list[Doc]) -> None:
@@ -657,7 +783,7 @@ def test_dockerfile_is_multistage_slim_and_runs_as_non_root() -> None:
     installs = [a for i, a in builder if i == "RUN" and "pip install" in a]
     assert installs == ['/opt/venv/bin/pip install ".[kubernetes]"']
     assert not any(i == "RUN" and ("pip install" in a or "apt-get" in a) for i, a in runtime)
-    assert run["EXPOSE"].split() == ["8080", "8081"]
+    assert run["EXPOSE"].split() == ["8080", "8081", "8082"]
     assert json.loads(run["CMD"]) == ["mlfe", "serve", "--config", "/etc/mlfe/config.yaml"]
     assert run["WORKDIR"] == "/var/azureml-app"
     # USER comes before CMD: nothing after it switches back to root.
@@ -686,13 +812,15 @@ def test_dockerignore_keeps_the_context_small_and_free_of_secrets() -> None:
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", ".mlfe", "tests", "**/__pycache__"} <= ignored
     copied = [a.split()[0] for i, a in stages()[0] if i == "COPY"]
-    assert copied == ["pyproject.toml", "mlfe", "router", "autoscaler", "deploy", "mlfe_azureml"]
+    assert copied == ["pyproject.toml", "mlfe", "router", "autoscaler", "deploy", "mlfe_azureml",
+                      "examples"]
     # Every package pyproject installs is in the build context (else `pip install .` fails).
     import tomllib
 
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     assert {p.split(".")[0] for p in packages} <= set(copied)
     assert not ignored & {"pyproject.toml", "README.md", *copied}
+    assert "examples/iris/model" in ignored  # a model trained locally stays out
 
 
 def test_readme_documents_every_manifest() -> None:

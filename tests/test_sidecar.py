@@ -72,6 +72,8 @@ REACH: dict[str, tuple[str, Callable[[MlfeConfig], Any], Any, dict[str, str]]] =
     "MLFE_FAILURE_THRESHOLD": ("6", lambda c: service_of(c).failure_threshold, 6, {}),
     "MLFE_LISTEN": ("127.0.0.1:9080", lambda c: c.router.listen, "127.0.0.1:9080", {}),
     "MLFE_ADMIN_LISTEN": ("0.0.0.0:9081", lambda c: c.router.admin_listen, "0.0.0.0:9081", {}),
+    "MLFE_METRICS_LISTEN": ("0.0.0.0:9082", lambda c: c.router.metrics_listen, "0.0.0.0:9082",
+                            {}),
     "MLFE_STATE_DIR": ("/var/lib/mlfe", lambda c: c.router.state_dir, Path("/var/lib/mlfe"), {}),
     "MLFE_MAX_BODY_BYTES": ("1024", lambda c: c.router.max_body_bytes, 1024, {}),
     "MLFE_TLS_CERT_FILE": ("/tls/crt", lambda c: c.router.tls and c.router.tls.cert_file,
@@ -304,6 +306,22 @@ def test_not_ready_until_the_model_is_up(tmp_path: Path, procs: list[Proc]) -> N
     start_replica_on(tmp_path, upstream, procs)
     sidecar.wait_for(lambda: status(sidecar, "/-/ready") == 200, "ready", timeout=5)
     assert score(sidecar) == 200
+
+
+def test_metrics_listener_without_the_admin_token(tmp_path: Path, procs: list[Proc]) -> None:
+    upstream = free_port()
+    start_replica_on(tmp_path, upstream, procs)
+    metrics = free_port()
+    sidecar = start_sidecar(tmp_path, procs, {"MLFE_UPSTREAM": f"127.0.0.1:{upstream}",
+                                              "MLFE_PRIMARY_KEY": KEY1,
+                                              "MLFE_METRICS_LISTEN": f"127.0.0.1:{metrics}"})
+    sidecar.wait_for(lambda: score(sidecar) == 200, "a scored request")
+    r = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=5)
+    assert r.status_code == 200
+    assert 'mlfe_requests_total{service="model"' in r.text
+    assert httpx.get(f"http://127.0.0.1:{metrics}/v1/services/model/keys",
+                     timeout=5).status_code == 404
+    assert KEY1 not in r.text and ADMIN not in r.text
 
 
 def test_bad_environment_exits_2_naming_the_variable() -> None:
