@@ -259,7 +259,7 @@ class KubeApi:
             ns_file = service_account_dir / "namespace"
             namespace = ns_file.read_text().strip() if ns_file.is_file() else "default"
             log.info("kubernetes: in-cluster config, API server %s, namespace %s",
-                     redact_url(configuration.host), namespace)
+                     redact_url(configuration.host or ""), namespace)
         else:
             try:
                 loader = await load_kube_config(
@@ -271,7 +271,7 @@ class KubeApi:
             current = loader.current_context or {}
             namespace = (current.get("context") or {}).get("namespace") or "default"
             log.info("kubernetes: kubeconfig context %s, API server %s, namespace %s",
-                     current.get("name"), redact_url(configuration.host), namespace)
+                     current.get("name"), redact_url(configuration.host or ""), namespace)
         api_client = k8s.ApiClient(configuration)
         return cls(api_client, namespace, request_timeout_s)
 
