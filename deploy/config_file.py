@@ -6,6 +6,7 @@ schema stays pure.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -19,11 +20,39 @@ def load_config(path: str | Path) -> MlfeConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {yaml_problem(e)}") from None
     return resolve_paths(parse_config(data, str(p)), p.resolve().parent)
+
+
+# PyYAML quotes a bit of the text in some problems (an alias, a tag); keep the short ones (a
+# character) and YAML's own token names, drop the rest.
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def _unquote(text: str) -> str:
+    return _QUOTED.sub(lambda m: m[0] if len(m[1]) <= 4 or re.fullmatch(r"<[a-z ]+>", m[1])
+                       else "'…'", text)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what, never the text: PyYAML's own message quotes the offending line, and
+    that line may be `primary_key: ...`."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        parts = []
+        for what, mark in ((e.context, e.context_mark), (e.problem, e.problem_mark)):
+            if what is None:
+                continue
+            at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            parts.append(at + _unquote(what))
+        return "; ".join(parts) or "cannot be parsed"
+    if isinstance(e, yaml.reader.ReaderError):
+        return f"character {e.position}: {e.reason} (not allowed in YAML)"
+    return type(e).__name__
 
 
 def resolve_paths(cfg: MlfeConfig, base: Path) -> MlfeConfig:

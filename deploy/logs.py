@@ -29,9 +29,6 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out).decode()
 
 
-
-
-
 def configure(level: str, fmt: Literal["json", "text"] = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -42,3 +39,6 @@ def configure(level: str, fmt: Literal["json", "text"] = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs each request's whole URL at INFO, and a configured URL (a jwks_url) may carry
+    # credentials in its userinfo or query; what matters is logged by mlfe itself, redacted.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

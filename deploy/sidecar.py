@@ -5,14 +5,16 @@ front-end behaviour (keys, the admission cap and wait queue, timeouts, request i
 metrics) without a cluster-wide router. No autoscaler runs: the pod count is its Deployment's.
 
 Configured entirely from the environment: one variable per setting, the config's name
-upper-cased with `MLFE_` in front, validated by the same models as the YAML (deploy/config.py):
+upper-cased with `MLFE_` in front, validated by the same models as the YAML (mlfe/config.py):
 
 - the service: `MLFE_SERVICE_NAME` (default `model`), `MLFE_UPSTREAM` (HOST:PORT, default
   `127.0.0.1:5001`, azureml's replica port), `MLFE_AUTH_ENABLED`, `MLFE_TOKEN_AUTH_ENABLED`,
   `MLFE_PRIMARY_KEY` / `MLFE_SECONDARY_KEY` or `MLFE_PRIMARY_KEY_FILE` / `MLFE_SECONDARY_KEY_FILE`
   (a mounted Secret file; its content, stripped of surrounding whitespace, is the key),
   `MLFE_SCORING_TIMEOUT_MS`, `MLFE_REPLICA_MAX_CONCURRENT_REQUESTS`, `MLFE_MAX_REQUEST_WAIT_TIME`,
-  `MLFE_MAX_QUEUE_LENGTH`, `MLFE_COLLECT_MODEL_DATA`, and the upstream's liveness probe:
+  `MLFE_MAX_QUEUE_LENGTH`, `MLFE_COLLECT_MODEL_DATA`, azureml's metadata shown by the admin API
+  (`MLFE_DESCRIPTION`, `MLFE_TAGS` and `MLFE_PROPERTIES` as JSON objects), and the upstream's
+  liveness probe:
   `MLFE_PERIOD_SECONDS`, `MLFE_INITIAL_DELAY_SECONDS`, `MLFE_TIMEOUT_SECONDS`,
   `MLFE_SUCCESS_THRESHOLD`, `MLFE_FAILURE_THRESHOLD`;
 - the router: `MLFE_LISTEN` (default `0.0.0.0:8080`: the pod's scoring port must be reachable),
@@ -26,17 +28,20 @@ upper-cased with `MLFE_` in front, validated by the same models as the YAML (dep
 - `MLFE_ADMIN_TOKEN`, as for `mlfe serve`.
 
 The list is built from the models, so every setting that applies has its variable (`SETTINGS`).
-Settings that do not apply to a sidecar (the replica source, autoscaling, the model's resources,
-router workers, coordination and self-scaling) are refused by name, as is any other `MLFE_*`
-variable (a typo), except those Kubernetes itself sets for a Service named `mlfe`
-(`MLFE_SERVICE_HOST`, `MLFE_PORT...`). An empty variable
-counts as unset. A bad value is refused naming the variable and the value (a key never).
+Settings that do not apply to a sidecar (the replica source and server, autoscaling, the model's
+resources and namespace, Azure ML settings with no equivalent, Application Insights, router
+workers, coordination and self-scaling) are refused by name, as is any other `MLFE_*` variable (a
+typo), except those Kubernetes itself sets for a Service named `mlfe` (`MLFE_SERVICE_HOST`,
+`MLFE_PORT...`). An empty variable counts as unset. A bad value is refused naming the variable,
+and shows the value only where it cannot be a secret, as in a config file's errors
+(mlfe/redact.py): never a key, a JSON value's text, tags or properties.
 
 Readiness follows the model: `/-/ready` answers 503 until the upstream passes its liveness probe
 (`GET /`, 2xx/3xx within `timeout_seconds`) `success_threshold` times in a row, and again once it
 fails it `failure_threshold` times in a row, so Kubernetes takes the pod out of its Service while
-the model is down; scoring requests meanwhile get azureml's 503 `No ready replicas` (with
-`Retry-After`), and flow again as soon as the probe passes. The upstream is probed every
+the model is down; scoring requests that still arrive meanwhile wait in the queue for it, up to
+`max_request_wait_time` (then azureml's 503 `No ready replicas`, with `Retry-After`), and are
+handed to it as soon as the probe passes. The upstream is probed every
 `period_seconds`; until it has been live once (a model still loading) it is probed every 0.1 s,
 and a warning is logged if it is still not live after `initial_delay_seconds`. Liveness
 (`/-/healthy`) is the sidecar's own.
@@ -64,6 +69,7 @@ from pydantic import BaseModel, ValidationError
 from deploy.lifecycle import ProcessLife
 from deploy.startup import settle_heap
 from mlfe.config import NAME_RE, MlfeConfig, RouterSettings, ServiceConfig, parse_hostport
+from mlfe.redact import shown_at, shown_token, shown_value
 from mlfe.supervise import Supervisor
 from router.probe import probe_http
 
@@ -79,6 +85,7 @@ STARTUP_PROBE_S = 0.1  # while the upstream has never been live (as the local ta
 _SOURCE = "the sidecar's only replica is MLFE_UPSTREAM, the model container next to it"
 _SCALING = "no autoscaler runs in a sidecar: the pod count is its Deployment's business"
 _RESOURCES = "the model container's resources are set on it, in its Deployment"
+_NO_EQUIVALENT = "an Azure ML setting with no equivalent in mlfe"
 NOT_APPLICABLE: dict[str, str] = {
     "entry_script": _SOURCE, "upstreams": "use MLFE_UPSTREAM (one HOST:PORT)",
     "kubernetes": _SOURCE, "synthetic": _SOURCE, "model_dir": _SOURCE,
@@ -88,6 +95,13 @@ NOT_APPLICABLE: dict[str, str] = {
     "autoscale_refresh_seconds": _SCALING, "autoscale_target_utilization": _SCALING,
     "autoscale_scale_down_window_seconds": _SCALING,
     "cpu_cores": _RESOURCES, "memory_gb": _RESOURCES, "gpu_cores": _RESOURCES,
+    "cpu_cores_limit": _RESOURCES, "memory_gb_limit": _RESOURCES,
+    "namespace": "the sidecar runs in its pod's namespace (this is where `mlfe render` puts a "
+                 "model's Deployment)",
+    "replica_server": "the model container next to the sidecar is the replica's server",
+    "enable_app_insights": "no Application Insights: the sidecar's access log (MLFE_ACCESS_LOG) "
+                           "and /metrics are what it offers instead",
+    "compute_target_name": _NO_EQUIVALENT, "blobfuse_enabled": _NO_EQUIVALENT,
 }
 _ONE_ROUTER = ("the sidecar is one router process in its pod: it runs no workers, coordinates "
                "with no other router and never scales itself")
@@ -95,6 +109,7 @@ ROUTER_NOT_APPLICABLE: dict[str, str] = {
     "workers": _ONE_ROUTER, "coordination": _ONE_ROUTER, "self_scaling": _ONE_ROUTER,
     "cluster_purpose": _ONE_ROUTER,
 }
+# Keys a sidecar may also read from a file (a mounted Secret): MLFE_PRIMARY_KEY_FILE ...
 SECRET_FIELDS = ("primary_key", "secondary_key")
 # Other MLFE_* variables mlfe reads (not settings of the config).
 OTHER_VARIABLES = frozenset({"MLFE_ADMIN_TOKEN", "MLFE_ADMIN_URL"})
@@ -103,7 +118,7 @@ _SERVICE_LINK = re.compile(r"^MLFE_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\w+)?
 
 
 class SidecarConfigError(ValueError):
-    """The environment was refused; the message names each variable and its value."""
+    """The environment was refused; the message names each variable and what is wrong."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +129,6 @@ class Setting:
     section: Literal["router", "service"]
     path: tuple[str, ...]  # field names under the section
     kind: Literal["text", "json", "file", "list"] = "text"
-
-    @property
-    def secret(self) -> bool:
-        return self.path[0] in SECRET_FIELDS
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -185,12 +196,20 @@ class SidecarSettings:
         return parse_hostport(upstreams[0])
 
 
-def _given(var: str, raw: str) -> str:
-    """How a variable's value appears in an error: never a key."""
+def _loc(setting: Setting, service: str) -> tuple[str, ...]:
+    """Where a setting's value sits in the config (pydantic's path)."""
+    if setting.section == "router":
+        return ("router", *setting.path)
+    return ("services", service, *setting.path)
+
+
+def _given(var: str, raw: str, service: str) -> str:
+    """A variable in a message about a rule across settings: with its value where the rule of
+    mlfe/redact.py lets it be shown (a boolean's, not a key's)."""
     setting = SETTING_BY_VAR.get(var)
-    if setting is not None and setting.secret and setting.kind != "file":
-        return f"{var}=<redacted>"
-    return f"{var}={raw!r}"
+    shown = None if setting is None or setting.kind == "file" else shown_at(
+        MlfeConfig, _loc(setting, service), raw)
+    return var if shown is None else f"{var}={shown}"
 
 
 def _not_applicable(var: str) -> str | None:
@@ -220,10 +239,11 @@ def settings_from_env(environ: Mapping[str, str]) -> SidecarSettings:
 
     name = env.get(SERVICE_NAME_VAR, DEFAULT_SERVICE_NAME).strip()
     if not NAME_RE.match(name):
+        shown = shown_token(name)
         problems.append(
             f"{SERVICE_NAME_VAR}: a service name is 3-32 characters of lowercase letters, "
-            f"digits and '-', starting with a letter and ending with a letter or digit "
-            f"(got {name!r})")
+            "digits and '-', starting with a letter and ending with a letter or digit"
+            + (f" (got {shown})" if shown else ""))
 
     router: dict[str, Any] = {"listen": DEFAULT_LISTEN}
     service: dict[str, Any] = {"upstreams": [DEFAULT_UPSTREAM]}
@@ -239,7 +259,9 @@ def settings_from_env(environ: Mapping[str, str]) -> SidecarSettings:
             try:
                 value = orjson.loads(raw)
             except orjson.JSONDecodeError as e:
-                problems.append(f"{s.var}: not valid JSON: {e} (got {raw!r})")
+                # Where, not what: the text may hold a URL with a password, or a tag's value.
+                problems.append(f"{s.var}: not valid JSON: {e.msg} at line {e.lineno}, "
+                                f"column {e.colno}")
                 continue
         elif s.kind == "file":
             other = s.var.removesuffix("_FILE")
@@ -250,7 +272,8 @@ def settings_from_env(environ: Mapping[str, str]) -> SidecarSettings:
                 value = Path(raw).read_text("utf-8").strip()
             except (OSError, UnicodeDecodeError) as e:
                 reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-                problems.append(f"{s.var}: cannot read the key file: {reason} (got {raw!r})")
+                # The file's path is shown (it is no secret), never what it holds.
+                problems.append(f"{s.var}: cannot read the key file {raw!r}: {reason}")
                 continue
         target = router if s.section == "router" else service
         for part in s.path[:-1]:
@@ -274,9 +297,10 @@ def _message(problems: list[str]) -> str:
 
 def _env_errors(err: ValidationError, service: str, sources: dict[tuple[str, ...], str],
                 env: Mapping[str, str]) -> list[str]:
-    """pydantic's errors, each named by the variable its key came from."""
+    """pydantic's errors, each named by the variable its key came from; the value given is shown
+    as a config file's errors show it (mlfe/redact.py), never a key's."""
     lines = []
-    for e in err.errors():
+    for e in err.errors(include_url=False):
         loc = tuple(str(p) for p in e["loc"])
         if loc[:2] == ("services", service):
             key: tuple[str, ...] = ("service", *loc[2:])
@@ -285,23 +309,19 @@ def _env_errors(err: ValidationError, service: str, sources: dict[tuple[str, ...
         else:
             key = ()
         msg = e["msg"].removeprefix("Value error, ")
+        shown = shown_value(MlfeConfig, e["loc"], e.get("input"))
         for n in range(len(key), 1, -1):
             var = sources.get(key[:n])
             if var is None:
                 continue
             setting = SETTING_BY_VAR[var]
-            if setting.kind == "json" and key[n:]:  # a part of a JSON value
-                rest = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in key[n:])
-                value = e.get("input")
-                shown = "" if isinstance(value, dict) else f" (got {value!r})"
-                lines.append(f"{var}{rest}: {msg}{shown}")
-            elif setting.secret and setting.kind != "file":
-                lines.append(f"{var}: {msg} (got <redacted>)")
-            elif setting.kind == "file":
+            if setting.kind == "file":
                 lines.append(f"{var}: the key in {env[var]!r}: {msg} (the key is not shown)")
-            else:
-                lines.append(f"{var}: {msg}" + ("" if repr(env[var]) in msg
-                                                   else f" (got {env[var]!r})"))
+                break
+            # A part of a JSON value is named by its path (an upstream is the only one).
+            rest = "".join(f"[{p}]" if p.isdigit() else f".{p}"
+                           for p in key[n:]) if setting.kind == "json" else ""
+            lines.append(f"{var}{rest}: {msg}{shown}")
             break
         else:
             unset = _VAR_OF_PATH.get(key)
@@ -316,7 +336,7 @@ def _env_errors(err: ValidationError, service: str, sources: dict[tuple[str, ...
                 if re.search(pattern, msg):
                     msg = re.sub(pattern, var, msg)
                     if var in env:
-                        named.append(_given(var, env[var]))
+                        named.append(_given(var, env[var], service))
             lines.append(msg + (f" (got {', '.join(named)})" if named else ""))
     return lines
 
@@ -420,9 +440,9 @@ async def serve(settings: SidecarSettings) -> int:
     host, port = settings.upstream
 
     def follow(ready: bool) -> None:
-        # The probe is the authority on the upstream: requests meet "No ready replicas" (503)
-        # while it is down, and flow again the moment it is back (not after the router's own
-        # probe backoff).
+        # The probe is the authority on the upstream: while it is down, requests wait in the
+        # queue (up to max_request_wait_time, then 503 "No ready replicas"), and are handed the
+        # replica the moment it is back (not after the router's own probe backoff).
         svc = router.services[settings.service]
         for replica in svc.pool.replicas:
             if ready:

@@ -2,8 +2,10 @@
 
 The bottom layer of mlfe (docs/architecture.md): pure data and validation, no file or network
 I/O, so the router and the deployment layer both build on it. Reading a YAML file is
-deploy/config_file.py. Every error names the key path and the offending value, and a config is
-accepted or refused whole: `parse_config` returns a complete `MlfeConfig` or raises `ConfigError`.
+deploy/config_file.py. Every error names the key path and the problem, and the value given only
+where it cannot be a secret (mlfe/redact.py: numbers, booleans, choices, addresses and names);
+a config is accepted or refused whole: `parse_config` returns a complete `MlfeConfig` or raises
+`ConfigError`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from mlfe.redact import SHOWN, shown_value
 from mlfe.synthetic_spec import SyntheticSpec
 
 # azureml service names: 3-32 chars, lowercase letters, digits and '-', starting with a letter.
@@ -31,19 +35,25 @@ MAX_VERSIONS_PER_ENDPOINT = 6
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Strings that errors may echo (mlfe/redact.py): addresses and names are never secrets.
+Shown = Annotated[str, SHOWN]
 
 
 class ConfigError(ValueError):
-    """A configuration was refused; the message names each bad key and its value."""
+    """A configuration was refused; the message names each bad key and what is wrong with it
+    (its value too where that cannot be a secret)."""
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
-    """'127.0.0.1:8080' -> ('127.0.0.1', 8080); '[::1]:8080' -> ('::1', 8080)."""
+    """'127.0.0.1:8080' -> ('127.0.0.1', 8080); '[::1]:8080' -> ('::1', 8080).
+
+    The error does not repeat the value (it may be a URL with a password in it): whoever
+    formats it shows the value when the rule lets it (mlfe/redact.py)."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
+        raise ValueError("expected HOST:PORT")
     if not _HOST_RE.fullmatch(host):
-        raise ValueError(f"not a host name or IP address: {host!r}")
+        raise ValueError("HOST is not a host name or IP address")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
@@ -72,6 +82,15 @@ class TokenIssuer(_Model):
         return self
 
 
+def _hostport(v: str) -> str:
+    parse_hostport(v)
+    return v
+
+
+# One upstream: checked one by one, so that an error names its index and shows its value.
+HostPort = Annotated[str, SHOWN, AfterValidator(_hostport)]
+
+
 def _check_address(v: str | None) -> str | None:
     if v is not None and not v.startswith("unix:"):
         parse_hostport(v)
@@ -83,8 +102,8 @@ class CoordinationSettings(_Model):
     through a slot broker (router/coordination.py): one instance runs it (`listen`), every
     instance joins it (`broker`; the one that runs it joins its own by default)."""
 
-    listen: str | None = None
-    broker: str | None = None
+    listen: Shown | None = None
+    broker: Shown | None = None
     grace_seconds: PositiveFloat = 2.0
     member_id: str | None = None  # default: host name and process id
 
@@ -112,7 +131,7 @@ class SelfScalingSettings(_Model):
 
     max_workers: PositiveInt | Literal["auto"] = 1  # "auto": the cores this process may use
     max_pods: PositiveInt = 1  # > 1: also scale the router's own Deployment (in a cluster)
-    deployment: str = "mlfe-router"  # the router's own Deployment, in the pod's namespace
+    deployment: Shown = "mlfe-router"  # the router's own Deployment, in the pod's namespace
     routing_time_up_ms: PositiveFloat = 2.0
     up_window_seconds: PositiveFloat = 10.0
     cpu_down_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.3
@@ -122,11 +141,11 @@ class SelfScalingSettings(_Model):
 
 
 class RouterSettings(_Model):
-    listen: str = "127.0.0.1:8080"
-    admin_listen: str = "127.0.0.1:8081"
+    listen: Shown = "127.0.0.1:8080"
+    admin_listen: Shown = "127.0.0.1:8081"
     # GET /metrics alone, without the admin token, for a stock Prometheus (off by default; on in
     # the rendered manifests). The admin port keeps /metrics too, behind its token.
-    metrics_listen: str | None = None
+    metrics_listen: Shown | None = None
     state_dir: Path = Path(".mlfe")
     cluster_purpose: Literal["FastProd", "DenseProd", "DevTest"] = "FastProd"
     max_body_bytes: PositiveInt = 100 * 1024 * 1024
@@ -176,8 +195,8 @@ class RouterSettings(_Model):
 class KubernetesDeployment(_Model):
     """A `kubernetes:` service: its replicas are this Deployment's pods."""
 
-    namespace: str
-    deployment: str
+    namespace: Shown
+    deployment: Shown
 
 
 _SCALING_KEYS = (
@@ -222,7 +241,7 @@ class AuthSettings(Described):
 class ServiceConfig(AuthSettings):
     # Where replicas come from: exactly one of these.
     entry_script: Path | None = None
-    upstreams: list[str] | None = None
+    upstreams: list[HostPort] | None = None
     kubernetes: KubernetesDeployment | None = None
     synthetic: SyntheticSpec | None = None  # a model stand-in (deploy/synthetic.py)
     model_dir: Path | None = None
@@ -259,7 +278,7 @@ class ServiceConfig(AuthSettings):
     # The rest of AksWebservice.deploy_configuration's parameters, under the SDK's names.
     cpu_cores_limit: PositiveFloat | None = None  # rendered as the container's limits
     memory_gb_limit: PositiveFloat | None = None
-    namespace: str | None = None  # the namespace `mlfe render` puts the model Deployment in
+    namespace: Shown | None = None  # the namespace `mlfe render` puts the model Deployment in
     # What Application Insights would get, mlfe writes anyway: the access log (one line per
     # request), the replica's own output relayed into mlfe's log, and /metrics.
     enable_app_insights: bool = False
@@ -283,11 +302,8 @@ class ServiceConfig(AuthSettings):
     @field_validator("upstreams")
     @classmethod
     def _upstreams(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("at least one upstream HOST:PORT is required")
-            for item in v:
-                parse_hostport(item)
+        if v is not None and not v:
+            raise ValueError("at least one upstream HOST:PORT is required")
         return v
 
     @model_validator(mode="after")
@@ -346,7 +362,7 @@ class ServiceConfig(AuthSettings):
 
 
 class VersionConfig(Described):
-    service: str
+    service: Shown
     traffic_percentile: Annotated[float, Field(ge=0, le=100)] = 0
     is_default: bool = False
     is_control_version: bool = False
@@ -454,20 +470,13 @@ def inert_settings(cfg: MlfeConfig) -> list[str]:
     return out
 
 
-_SECRET_KEYS = frozenset({"primary_key", "secondary_key"})
-
-
 def _format_errors(err: ValidationError) -> str:
     lines = []
-    for e in err.errors():
+    for e in err.errors(include_url=False):
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        if any(str(p) in _SECRET_KEYS for p in e["loc"]):
-            shown = " (got <redacted>)"  # never echo a secret, not even a malformed one
-        else:
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{loc or '<root>'}: {msg}{shown}" if loc else f"{msg}{shown}")
+        shown = shown_value(MlfeConfig, e["loc"], e.get("input"))
+        lines.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

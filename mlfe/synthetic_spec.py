@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mlfe.redact import SHOWN, shown_token, shown_value
+
 Ms = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Z99 = NormalDist().inv_cdf(0.99)  # p99 of a lognormal is exp(mu + Z99 * sigma)
 MIN_RESPONSE_BYTES = len(b'{"result":""}')
@@ -85,7 +87,7 @@ class LatencySpec(_Model):
 class SyntheticSpec(_Model):
     """What a synthetic replica's `run()` does (see the module's docstring)."""
 
-    latency: LatencySpec = Field(default_factory=LatencySpec)
+    latency: Annotated[LatencySpec, SHOWN] = Field(default_factory=LatencySpec)
     concurrency: Annotated[int, Field(gt=0)] | None = None
     error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     error_status: Annotated[int, Field(ge=400, le=599)] = 500
@@ -134,8 +136,9 @@ def parse_spec_text(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
+            shown = shown_token(item) if item != text else None
             raise ValueError("expected KEY=VALUE pairs separated by commas"
-                             + (f" (bad pair {item!r})" if item != text else ""))
+                             + (f" (bad pair {shown})" if shown else ""))
         *parents, leaf = key.split(".")
         node = out
         for p in parents:
@@ -148,12 +151,12 @@ def parse_spec_text(text: str) -> dict[str, Any]:
 
 
 def format_errors(err: ValidationError, prefix: str = "") -> str:
-    """One line per error: the key path, the message and the value given."""
+    """One line per error: the key path, the message and the value given where it cannot be a
+    secret (mlfe/redact.py)."""
     lines = []
-    for e in err.errors():
+    for e in err.errors(include_url=False):
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = shown_value(SyntheticSpec, e["loc"], e.get("input"))
         lines.append(f"{loc or '<spec>'}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "\n  ".join(lines)
 

@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mlfe.config import TokenIssuer
+from mlfe.redact import redact_url, redact_urls_in
 from router.keystore import atomic_write
 
 log = logging.getLogger(__name__)
@@ -329,15 +330,18 @@ class ExternalJwks:
     ) -> None:
         if (jwks_file is None) == (jwks_url is None):
             raise ValueError(f"token issuer {issuer!r}: exactly one of jwks_file or jwks_url")
+        # What is logged or shown of the URL: no userinfo, no query (either may hold a secret).
+        self._url_shown = redact_url(jwks_url) if jwks_url is not None else ""
         if jwks_url is not None:
             scheme = urlsplit(jwks_url).scheme
             if scheme not in ("http", "https"):
-                raise ValueError(f"token issuer {issuer!r}: jwks_url {jwks_url!r} is not http(s)")
+                raise ValueError(
+                    f"token issuer {issuer!r}: jwks_url {self._url_shown} is not http(s)")
             if scheme == "http" and not _is_loopback(jwks_url):
                 log.warning(
                     "token issuer %r: jwks_url %s is plain http: keys can be forged in transit",
                     issuer,
-                    jwks_url,
+                    self._url_shown,
                 )
         self.issuer = issuer
         self.audience = audience
@@ -384,17 +388,24 @@ class ExternalJwks:
             if self.jwks_file is not None:
                 await asyncio.to_thread(self.load_file)
             else:
-                self._verification_keys = parse_jwks(await self._fetch(), self.jwks_url or "")
+                self._verification_keys = parse_jwks(await self._fetch(), self._url_shown)
         except Exception as e:
             log.warning(
                 "token issuer %r: could not refresh keys from %s: %s",
                 self.issuer,
-                self.jwks_file or self.jwks_url,
-                e,
+                self.jwks_file or self._url_shown,
+                self._failure(e),
             )
             return False
         log.info("token issuer %r: %d signing keys", self.issuer, len(self._verification_keys))
         return True
+
+    def _failure(self, e: Exception) -> str:
+        """A failed refresh, as logged: httpx names the URL it failed on (after redirects, too),
+        so every URL in the message is shown redacted."""
+        if isinstance(e, httpx.HTTPStatusError):
+            return f"HTTP {e.response.status_code} from {redact_url(str(e.request.url))}"
+        return redact_urls_in(str(e) or type(e).__name__)
 
     async def _fetch(self) -> Any:
         assert self.jwks_url is not None

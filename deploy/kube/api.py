@@ -36,6 +36,8 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 from kubernetes_asyncio.config.kube_config import load_kube_config
 
+from mlfe.redact import redact_url
+
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -257,7 +259,7 @@ class KubeApi:
             ns_file = service_account_dir / "namespace"
             namespace = ns_file.read_text().strip() if ns_file.is_file() else "default"
             log.info("kubernetes: in-cluster config, API server %s, namespace %s",
-                     configuration.host, namespace)
+                     redact_url(configuration.host or ""), namespace)
         else:
             try:
                 loader = await load_kube_config(
@@ -269,7 +271,7 @@ class KubeApi:
             current = loader.current_context or {}
             namespace = (current.get("context") or {}).get("namespace") or "default"
             log.info("kubernetes: kubeconfig context %s, API server %s, namespace %s",
-                     current.get("name"), configuration.host, namespace)
+                     current.get("name"), redact_url(configuration.host or ""), namespace)
         api_client = k8s.ApiClient(configuration)
         return cls(api_client, namespace, request_timeout_s)
 
