@@ -170,6 +170,7 @@ class RouterScaler:
         self._state = RouterScalerState()
         self._status: RouterStatus | None = None
         self._running = False
+        self._tick_failing = False  # in an episode of failed ticks (warned once)
         self.set_spec(spec)
 
     @property
@@ -212,9 +213,16 @@ class RouterScaler:
             if sample is None:
                 return
             decision, state = decide(spec, sample, state=self._state, now=now)
-        except Exception:
-            log.warning("Router scaler skipped a tick", exc_info=True)
+        except Exception as e:
+            # One concise warning per episode (a rotated token fails every tick), the details
+            # at DEBUG.
+            if not self._tick_failing:
+                log.warning("Router scaler skipped a tick: %s: %s (said once until a tick "
+                            "works again)", type(e).__name__, e)
+            log.debug("Router scaler skipped a tick", exc_info=True)
+            self._tick_failing = True
             return
+        self._tick_failing = False
         self._state = state
         self._status = RouterStatus(now, sample, decision)
         if decision.workers != sample.workers:

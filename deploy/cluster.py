@@ -1,7 +1,9 @@
 """mlfe in a cluster: `kubernetes:` services find their replicas in EndpointSlices and are
 scaled through `deployments/{name}/scale`, by whichever router pod holds the Lease.
 
-Every router pod routes; only the leader scales. Each leadership term gets a fresh autoscaler
+Every router pod routes; only the leader scales. Admin writes (keys, endpoint versions, the
+signing key) go to one Secret that every pod follows (`deploy/kube/state.py`), read before the
+router is built (`connect_state`). Each leadership term gets a fresh autoscaler
 (no stale scale-down window carries over) reading load summed over every router pod
 (`PeerCounts`: each pod's `/v1/stats`, pods found through the router's admin Service).
 """
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
         LeaderElector,
         PeerCounts,
     )
+    from deploy.kube.state import KubeStateStore
     from router.server import Router
 
 log = logging.getLogger(__name__)
@@ -42,15 +45,39 @@ def uses_kubernetes(cfg: MlfeConfig) -> bool:
     return any(s.kubernetes is not None for s in cfg.services.values())
 
 
+async def connect_state(cfg: MlfeConfig, supervisor: Supervisor) -> KubeStateStore | None:
+    """In a cluster: the API connection and the shared state, read into the state dir (before
+    the router is built, so that it starts with the shared keys). None: not in a cluster."""
+    if not uses_kubernetes(cfg):
+        return None
+    # Imported here: kubernetes_asyncio is an optional extra and slow to import.
+    from deploy.kube import KubeApi, KubeError
+    from deploy.kube.state import KubeStateStore
+
+    try:
+        api = await KubeApi.connect()
+    except KubeError as e:
+        raise ConfigError(
+            f"services: kubernetes services need the Kubernetes API: {e}") from None
+    store = KubeStateStore(api, cfg.router.state_dir, supervisor=supervisor)
+    try:
+        await store.load()
+    except KubeError as e:
+        await api.close()
+        raise ConfigError(f"the router's shared state ({store.what}) cannot be read: {e}"
+                          ) from None
+    return store
+
+
 class Cluster:
     def __init__(self, cfg: MlfeConfig, router: Router, local_counts: StatsSource,
-                 admin_token: str, supervisor: Supervisor) -> None:
+                 admin_token: str, supervisor: Supervisor, api: KubeApi | None = None) -> None:
         self.cfg = cfg
         self._supervisor = supervisor
         self._router = router
         self._local_counts = local_counts
         self._admin_token = admin_token
-        self.api: KubeApi | None = None
+        self.api: KubeApi | None = api
         self.target: KubernetesTarget | None = None
         self.elector: LeaderElector | None = None
         self.peers: PeerCounts | None = None
@@ -72,11 +99,12 @@ class Cluster:
             pod_ip,
         )
 
-        try:
-            self.api = await KubeApi.connect()
-        except KubeError as e:
-            raise ConfigError(
-                f"services: kubernetes services need the Kubernetes API: {e}") from None
+        if self.api is None:
+            try:
+                self.api = await KubeApi.connect()
+            except KubeError as e:
+                raise ConfigError(
+                    f"services: kubernetes services need the Kubernetes API: {e}") from None
         self.elector = LeaderElector(self.api, identity=default_identity(),
                                      supervisor=self._supervisor)
         elector = self.elector

@@ -176,6 +176,9 @@ def _app_path(value: Path, base_dir: Path, key: str) -> PurePosixPath:
     return APP_ROOT / path
 
 
+RENDERED_MIN_PODS = 2
+
+
 def cluster_config(
     cfg: MlfeConfig, base_dir: Path, namespace: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -191,6 +194,11 @@ def cluster_config(
     router["metrics_listen"] = f"0.0.0.0:{METRICS_PORT}"
     router["state_dir"] = str(STATE_DIR)
     router.pop("data_dir", None)  # the default: <state_dir>/modeldata, on the pod's volume
+    # A cluster's front end runs at least 2 pods (one can be lost or drained), unless the
+    # config says otherwise; the self-scaler never goes below that.
+    scaling: dict[str, Any] = router.setdefault("self_scaling", {})
+    scaling.setdefault("min_pods", RENDERED_MIN_PODS)
+    scaling["max_pods"] = max(scaling.get("max_pods", 1), scaling["min_pods"])
     if not router.get("token_issuers"):
         router.pop("token_issuers", None)
     if cfg.router.tls is not None:

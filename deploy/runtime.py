@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -29,7 +29,7 @@ from deploy.bundled import (
     missing_example_modules,
 )
 from deploy.cgroup import PROC_SELF_CGROUP, cpu_seconds_source
-from deploy.cluster import Cluster, uses_kubernetes
+from deploy.cluster import Cluster, connect_state, uses_kubernetes
 from deploy.lifecycle import ProcessLife
 from deploy.local_target import LocalTarget, check_replica_servers, is_local
 from deploy.scaling import scaling_spec
@@ -42,6 +42,9 @@ from router.admin import AdminApi, MetricsApi, admin_token
 from router.metrics import RouterProcessCollector
 from router.server import Membership, Router
 from router.slots import DEFAULT_GRACE_S, BrokerServer
+
+if TYPE_CHECKING:
+    from deploy.kube.state import KubeStateStore
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,9 @@ class Runtime:
     - `router.coordination`: one of several router instances sharing replicas (pods)."""
 
     def __init__(self, cfg: MlfeConfig, base_dir: Path, life: ProcessLife,
-                 config_path: Path | None = None) -> None:
+                 config_path: Path | None = None, state: KubeStateStore | None = None) -> None:
         self.cfg = cfg
+        self.state = state
         loop = asyncio.get_running_loop()
         self.supervisor = life.supervisor
         workers = resolve_workers(cfg.router.workers)
@@ -84,7 +88,7 @@ class Runtime:
                                     coord.member_id or f"{socket.gethostname()}-{os.getpid()}")
         self.router = Router(cfg, loop, supervisor=self.supervisor,
                              workers=self.broker if supervise else None,
-                             membership=membership, scaling=self._scaling_status)
+                             membership=membership, scaling=self._scaling_status, state=state)
         self.admin = AdminApi(self.router, admin_token(cfg.router.state_dir))
         self.metrics_api = MetricsApi(self.router.metrics) if cfg.router.metrics_listen else None
         self.router.metrics.register(RouterProcessCollector(
@@ -96,7 +100,8 @@ class Runtime:
         self.cluster: Cluster | None = None
         if uses_kubernetes(cfg):
             self.cluster = Cluster(cfg, self.router, self.router,
-                                   admin_token(cfg.router.state_dir), self.supervisor)
+                                   admin_token(cfg.router.state_dir), self.supervisor,
+                                   api=state.api if state is not None else None)
 
     def _build_self_scaler(self, pods: DeploymentPods | None) -> RouterScaler | None:
         """The router's self-scaler (off with cluster_purpose DevTest): worker processes when
@@ -126,6 +131,7 @@ class Runtime:
             return None
         spec = RouterScalingSpec(
             max_workers=max_workers, max_pods=s.max_pods if pods else 1,
+            min_pods=s.min_pods if pods else 1, pod_cooldown_s=s.pod_cooldown_seconds,
             routing_time_up_s=s.routing_time_up_ms / 1000,
             up_window_s=s.up_window_seconds, cpu_down_threshold=s.cpu_down_threshold,
             down_window_s=s.down_window_seconds, cooldown_s=s.cooldown_seconds,
@@ -158,7 +164,16 @@ class Runtime:
         return {"desired": st.desired, "current": st.current,
                 "decidedUtilization": util if util != float("inf") else None}
 
+    def _state_changed(self) -> None:
+        """Another router pod changed the shared state (now in the state dir): take it."""
+        self.router.reload_state()
+        if self.workers is not None and self.broker is not None:
+            self.broker.push_reload()
+
     async def start(self) -> None:
+        if self.state is not None:
+            self.router.ensure_keys()  # stored in the shared state before this pod serves
+            await self.state.start(self._state_changed)
         if self.broker is not None:
             coord = self.cfg.router.coordination
             address = broker_address(self.cfg) if self.workers else (
@@ -199,6 +214,8 @@ class Runtime:
             if not clean:
                 log.warning("drain timeout: connections were cut off")
         await self.autoscaler.stop()
+        if self.state is not None:
+            await self.state.close()
         if self.cluster is not None:
             await self.cluster.close()
         await self.target.close()
@@ -214,7 +231,8 @@ async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False,
                 config_path: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT (0) or until a supervised task dies (1), then drain and stop."""
     life = ProcessLife()
-    rt = Runtime(cfg, base_dir, life, config_path)
+    state = await connect_state(cfg, life.supervisor)
+    rt = Runtime(cfg, base_dir, life, config_path, state)
     try:
         await rt.start()
         settle_heap()

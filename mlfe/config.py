@@ -131,13 +131,24 @@ class SelfScalingSettings(_Model):
 
     max_workers: PositiveInt | Literal["auto"] = 1  # "auto": the cores this process may use
     max_pods: PositiveInt = 1  # > 1: also scale the router's own Deployment (in a cluster)
+    # Never fewer router pods than this (`mlfe render --target kubernetes` sets 2: a cluster's
+    # front end survives the loss of one pod).
+    min_pods: PositiveInt = 1
     deployment: Shown = "mlfe-router"  # the router's own Deployment, in the pod's namespace
     routing_time_up_ms: PositiveFloat = 2.0
     up_window_seconds: PositiveFloat = 10.0
     cpu_down_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.3
     down_window_seconds: PositiveFloat = 300.0
-    cooldown_seconds: PositiveFloat = 30.0
+    cooldown_seconds: PositiveFloat = 30.0  # after any change of workers or pods
+    pod_cooldown_seconds: PositiveFloat = 120.0  # after a change of pods (at least cooldown)
     period_seconds: PositiveFloat = 5.0
+
+    @model_validator(mode="after")
+    def _pods_in_order(self) -> SelfScalingSettings:
+        if self.min_pods > self.max_pods:
+            raise ValueError(f"min_pods ({self.min_pods}) is more than max_pods "
+                             f"({self.max_pods})")
+        return self
 
 
 class RouterSettings(_Model):

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from mlfe.config import ConfigError, VersionConfig
 from router.keystore import atomic_write
+from router.state import StateConflict, StateUnavailable
 
 if TYPE_CHECKING:
     from router.server import Router
@@ -214,8 +215,10 @@ class AdminApi:
         key_type = body.get("keyType")
         if key_type not in ("Primary", "Secondary"):
             return json_error(400, "keyType must be 'Primary' or 'Secondary'")
-        primary, secondary = self._router.keys.regenerate(name, key_type)  # persisted first
-        self._router.refresh_auth(name)
+        try:
+            primary, secondary = await self._router.regenerate_key(name, key_type)  # stored first
+        except (StateConflict, StateUnavailable) as e:
+            return _state_error(e)
         log.info("%s: %s key regenerated", name, key_type.lower())
         return json_response({"primaryKey": primary, "secondaryKey": secondary})
 
@@ -250,12 +253,12 @@ class AdminApi:
         name = self._owner_or_404(request)
         version = request.match_info["version"]
         fields = _version_fields(await _json_body(request))
-        return self._change_version(name, version, fields, replace=True)
+        return await self._change_version(name, version, fields, replace=True)
 
     async def patch_version(self, request: web.Request) -> web.Response:
         name, version = self._version_or_404(request)
         fields = _version_fields(await _json_body(request))
-        return self._change_version(name, version, fields, replace=False)
+        return await self._change_version(name, version, fields, replace=False)
 
     async def delete_version(self, request: web.Request) -> web.Response:
         name, version = self._version_or_404(request)
@@ -264,12 +267,14 @@ class AdminApi:
             del endpoints[name]["versions"][version]
 
         try:
-            self._router.change_endpoints(mutate)
+            await self._router.change_endpoints(mutate)
         except ConfigError as e:
             return json_error(400, str(e))
+        except (StateConflict, StateUnavailable) as e:
+            return _state_error(e)
         return web.Response(status=204)
 
-    def _change_version(
+    async def _change_version(
         self, name: str, version: str, fields: dict[str, Any], replace: bool
     ) -> web.Response:
         def mutate(endpoints: dict[str, Any]) -> None:
@@ -285,9 +290,11 @@ class AdminApi:
                             v[flag] = False
 
         try:
-            self._router.change_endpoints(mutate)
+            await self._router.change_endpoints(mutate)
         except ConfigError as e:
             return json_error(400, str(e))
+        except (StateConflict, StateUnavailable) as e:
+            return _state_error(e)
         return json_response(self._describe_endpoint(name))
 
 
@@ -318,6 +325,14 @@ def _version_json(vc: VersionConfig, share: float) -> dict[str, Any]:
         "isControlVersion": vc.is_control_version,
         "effectiveTrafficPercentile": share,
     }
+
+
+def _state_error(e: StateConflict | StateUnavailable) -> web.Response:
+    """409: another admin's write landed first (nothing changed; read and try again);
+    503: the shared state cannot be written now (nothing changed; this router keeps serving)."""
+    if isinstance(e, StateConflict):
+        return json_error(409, f"not changed: {e}")
+    return json_error(503, f"not changed: {e}")
 
 
 def _not_found(what: str) -> web.HTTPNotFound:

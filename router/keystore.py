@@ -93,12 +93,18 @@ class KeyStore:
         k = self._keys.get(name)
         return None if k is None else (k["primaryKey"], k["secondaryKey"])
 
-    def regenerate(self, name: str, key_type: str) -> tuple[str, str]:
+    def regenerated(self, name: str, key_type: str) -> bytes:
+        """The key file's content with a new ``key_type`` key for ``name``; nothing changes
+        here until that content is stored (through the state store) and this store re-read."""
         field = {"Primary": "primaryKey", "Secondary": "secondaryKey"}[key_type]
-        self._keys.setdefault(name, {"primaryKey": generate_key(), "secondaryKey": generate_key()})
-        self._keys[name][field] = generate_key()
-        self._save()
-        return self._keys[name]["primaryKey"], self._keys[name]["secondaryKey"]
+        keys = {owner: dict(k) for owner, k in self._keys.items()}
+        keys.setdefault(name, {"primaryKey": generate_key(), "secondaryKey": generate_key()})
+        keys[name][field] = generate_key()
+        return self._dump(keys)
+
+    @staticmethod
+    def _dump(keys: dict[str, dict[str, str]]) -> bytes:
+        return orjson.dumps(keys, option=orjson.OPT_INDENT_2)
 
     def _save(self) -> None:
-        atomic_write(self._path, orjson.dumps(self._keys, option=orjson.OPT_INDENT_2))
+        atomic_write(self._path, self._dump(self._keys))

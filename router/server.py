@@ -25,12 +25,13 @@ from router.accesslog import AccessLog
 from router.auth import Credentials, KeyAuth, NoAuth
 from router.datacollect import DataCollector
 from router.http_server import HttpServerProtocol, Limits
-from router.keystore import KeyStore, atomic_write
+from router.keystore import KEYS_FILE, KeyStore
 from router.metrics import RouterCollector, ServiceMetrics
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service, ServiceLinks
 from router.slots import BrokerServer, SlotMember
+from router.state import ENDPOINTS_FILE, DirStateStore, StateStore
 from router.tls import TlsReloader
 from router.tokens import ExternalJwks, SigningKeys, TokenAuth, TokenAuthority, TokenVerifier
 
@@ -65,9 +66,6 @@ class ConnectionSet(set[HttpServerProtocol]):
         if self:
             self._empty = asyncio.Event()
             await self._empty.wait()
-
-
-ENDPOINTS_FILE = "endpoints.json"
 
 
 def with_persisted_endpoints(cfg: MlfeConfig) -> MlfeConfig:
@@ -105,7 +103,8 @@ class Router:
     sums are this router's counts; ``membership`` makes it a slot broker member; ``scaling``
     tells what the autoscaler last decided per service; ``on_change`` hears of every persisted
     admin change (keys, endpoints); ``ready_check`` is more readiness (the sidecar follows its
-    model's liveness).
+    model's liveness); ``state`` stores admin writes (the state dir unless given: in a cluster,
+    the Kubernetes store every router pod shares).
     """
 
     def __init__(
@@ -121,6 +120,7 @@ class Router:
         ready_check: Callable[[], bool] | None = None,
         reuse_port: bool = False,
         data_file_prefix: str = "data",
+        state: StateStore | None = None,
     ) -> None:
         cfg = with_persisted_endpoints(cfg)
         self.cfg = cfg
@@ -128,6 +128,8 @@ class Router:
         self._supervisor = supervisor
         self._workers = workers
         self._scaling = scaling
+        self._state: StateStore = state or DirStateStore(cfg.router.state_dir)
+        self._write_lock = asyncio.Lock()  # one admin write at a time in this process
         self.collector = DataCollector(cfg.router.data_dir or cfg.router.state_dir / "modeldata",
                                        file_prefix=data_file_prefix)
         self.handler = ScoringHandler(
@@ -220,6 +222,15 @@ class Router:
             return NoAuth()
         return KeyAuth(*self.keys.ensure(name, owner.primary_key, owner.secondary_key))
 
+    def ensure_keys(self) -> None:
+        """Make (and keep in the state dir) the keys of every service and endpoint that uses
+        keys, now: a shared state store can then store them before this router serves."""
+        owners: list[tuple[str, AuthSettings]] = [*self.cfg.services.items(),
+                                                  *self.cfg.endpoints.items()]
+        for name, owner in owners:
+            if owner.auth_enabled and not owner.token_auth_enabled:
+                self.keys.ensure(name, owner.primary_key, owner.secondary_key)
+
     def refresh_auth(self, name: str) -> None:
         """Keys of `name` (a service or an endpoint) changed in the key store: use them now."""
         if name in self.services:
@@ -236,9 +247,23 @@ class Router:
             svc.set_replicas(addrs)
 
     def reload_state(self) -> None:
-        """Another process changed keys or endpoints in the shared state dir: take them."""
-        self.keys = KeyStore(self.cfg.router.state_dir)
+        """Another process changed keys, endpoints or the signing key in the shared state dir:
+        take them."""
+        state_dir = self.cfg.router.state_dir
+        self.keys = KeyStore(state_dir)
+        self.authority.keys = SigningKeys(state_dir)
         self.apply(with_persisted_endpoints(self.cfg))
+
+    async def regenerate_key(self, name: str, key_type: str) -> tuple[str, str]:
+        """A new primary or secondary key for ``name``: stored first (StateConflict or
+        StateUnavailable: nothing changed), then used."""
+        async with self._write_lock:
+            await self._state.commit({KEYS_FILE: self.keys.regenerated(name, key_type)})
+            self.keys = KeyStore(self.cfg.router.state_dir)
+            self.refresh_auth(name)
+        keys = self.keys.get(name)
+        assert keys is not None
+        return keys
 
     def _build_endpoints(self, cfg: MlfeConfig) -> None:
         self.endpoints = {
@@ -268,19 +293,19 @@ class Router:
         self._build_endpoints(cfg)
         self.cfg = cfg
 
-    def change_endpoints(self, mutate: Callable[[dict[str, Any]], None]) -> None:
+    async def change_endpoints(self, mutate: Callable[[dict[str, Any]], None]) -> None:
         """Apply an admin change to the endpoints: validated whole (ConfigError names what is
-        wrong, and nothing changes), persisted, then swapped into the live routing table."""
-        data = self.cfg.model_dump(mode="json", exclude_unset=True)
-        endpoints: dict[str, Any] = data.setdefault("endpoints", {})
-        mutate(endpoints)
-        new = parse_config(data, "change")
-        atomic_write(
-            self.cfg.router.state_dir / ENDPOINTS_FILE,
-            orjson.dumps(endpoints, option=orjson.OPT_INDENT_2),
-        )
-        self.apply(new)
-        self._on_change()
+        wrong, and nothing changes), stored (StateConflict or StateUnavailable: nothing
+        changed), then swapped into the live routing table."""
+        async with self._write_lock:
+            data = self.cfg.model_dump(mode="json", exclude_unset=True)
+            endpoints: dict[str, Any] = data.setdefault("endpoints", {})
+            mutate(endpoints)
+            new = parse_config(data, "change")
+            await self._state.commit(
+                {ENDPOINTS_FILE: orjson.dumps(endpoints, option=orjson.OPT_INDENT_2)})
+            self.apply(new)
+            self._on_change()
 
     @property
     def base_url(self) -> str:

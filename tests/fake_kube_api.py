@@ -24,6 +24,7 @@ request is recorded in :attr:`requests`; :meth:`wait_request` waits for one (wit
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import ipaddress
@@ -63,6 +64,8 @@ _SCHEMA_FILES = {
     ("Deployment", "apps/v1"): "deployment-apps-v1",
     ("Scale", "autoscaling/v1"): "scale-autoscaling-v1",
     ("Lease", "coordination.k8s.io/v1"): "lease-coordination-v1",
+    ("Secret", "v1"): "secret-v1",
+    ("SecretList", "v1"): "secretlist-v1",
     ("Status", "v1"): "status-meta-v1",
     ("WatchEvent", "v1"): "watchevent-meta-v1",
 }
@@ -226,6 +229,12 @@ class Seen:
     content_type: str
     body: Any
     status: int = 0
+    # What RBAC saw: the verb, the API group and resource, the object's name (or the name a
+    # list or watch was narrowed to); empty for requests outside the served resources.
+    verb: str = ""
+    group: str = ""
+    resource: str = ""
+    name: str | None = None
 
     @property
     def watch(self) -> bool:
@@ -248,6 +257,7 @@ class Watcher:
     resource: str
     namespace: str
     selector: str
+    name: str | None = None  # a fieldSelector on metadata.name
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
@@ -265,15 +275,32 @@ _ROUTES = [
      "coordination.k8s.io", "leases"),
     (re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/leases/(?P<name>[^/]+)$"),
      "coordination.k8s.io", "leases"),
+    (re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets$"), "", "secrets"),
+    (re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets/(?P<name>[^/]+)$"), "", "secrets"),
 ]
+
+
+def field_name(query: Mapping[str, str]) -> str | None:
+    """The name a ``fieldSelector=metadata.name=X`` narrows a list or watch to (RBAC then
+    checks it against ``resourceNames``, as kube-apiserver does)."""
+    for term in (query.get("fieldSelector") or "").split(","):
+        key, _, value = term.partition("=")
+        if key.strip() == "metadata.name" and value:
+            return value.lstrip("=").strip()
+    return None
 
 
 class FakeKubeApi:
     def __init__(self, tmp_path: Path, *, token: str = "sa-token-1",
-                 rules: Iterable[Mapping[str, Any]] | None = None, history: int = 1000) -> None:
+                 rules: Iterable[Mapping[str, Any]] | None = None, history: int = 1000,
+                 roles: Mapping[str, Iterable[Mapping[str, Any]]] | None = None) -> None:
         self.tmp_path = tmp_path
         self.token = token
         self.rules = [dict(r) for r in (manifest_rules() if rules is None else rules)]
+        # Namespaced Roles, as RBAC has them: with ``roles``, a request in a namespace that has
+        # no Role here is 403 (without, ``rules`` apply in every namespace).
+        self.roles = None if roles is None else {
+            ns: [dict(r) for r in rs] for ns, rs in roles.items()}
         self.history = history
         self.ca = trustme.CA()
         self.ca_file = tmp_path / "fake-kube-ca.crt"
@@ -350,6 +377,8 @@ class FakeKubeApi:
     def _store(self, resource: str, ns: str, obj: Obj, event: str) -> Obj:
         meta = obj["metadata"]
         key = (resource, ns, meta["name"])
+        old = self.objects.get(key)
+        old_labels = (old["metadata"].get("labels") or {}) if old is not None else None
         if event == "DELETED":
             self.objects.pop(key, None)
             meta["resourceVersion"] = self._next_rv()
@@ -363,8 +392,13 @@ class FakeKubeApi:
             del self.log[: len(dropped)]
         labels = meta.get("labels") or {}
         for w in self.watchers:
-            if w.resource == resource and w.namespace == ns and selector_matches(w.selector, labels):
+            if w.resource != resource or w.namespace != ns or w.name not in (None, meta["name"]):
+                continue
+            if selector_matches(w.selector, labels):
                 w.queue.put_nowait((event, copy.deepcopy(obj)))
+            elif old_labels is not None and selector_matches(w.selector, old_labels):
+                # It left the selector: to this watch it is gone (as the real server says it).
+                w.queue.put_nowait(("DELETED", copy.deepcopy(obj)))
         return obj
 
     def _new_meta(self, name: str, ns: str, labels: Mapping[str, str] | None = None) -> Obj:
@@ -438,6 +472,20 @@ class FakeKubeApi:
         obj: Obj = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": meta, "spec": copy.deepcopy(spec)}
         return self._store("leases", namespace, obj, "MODIFIED" if old else "ADDED")
+
+    def put_secret(self, namespace: str, name: str, files: Mapping[str, bytes]) -> Obj:
+        """Create or replace a Secret whose data are ``files`` (what `kubectl apply` does)."""
+        old = self.objects.get(("secrets", namespace, name))
+        meta = copy.deepcopy(old["metadata"]) if old else self._new_meta(name, namespace)
+        meta.pop("generation", None)
+        obj: Obj = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque",
+                    "data": {k: base64.b64encode(v).decode() for k, v in files.items()}}
+        return self._store("secrets", namespace, obj, "MODIFIED" if old else "ADDED")
+
+    def secret(self, namespace: str, name: str) -> dict[str, bytes]:
+        """A Secret's data, decoded."""
+        obj = self.objects[("secrets", namespace, name)]
+        return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
 
     # ---- test control: faults -----------------------------------------------------------------
 
@@ -535,55 +583,76 @@ class FakeKubeApi:
         ns, name = m.group("ns"), m.groupdict().get("name")
         verb = {"GET": "get" if name else ("watch" if seen.watch else "list"), "POST": "create",
                 "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(seen.method, "")
-        if not allowed(self.rules, group, resource, verb, name):
+        seen.verb, seen.group, seen.resource = verb, group, resource
+        seen.name = name or (field_name(seen.query) if verb in ("list", "watch") else None)
+        rules = self.rules if self.roles is None else self.roles.get(ns, [])
+        if not allowed(rules, group, resource, verb, seen.name):
             raise ApiStatus(403, "Forbidden", (
                 f'{resource} "{name or ""}" is forbidden: User "system:serviceaccount:{ns}:mlfe" '
                 f'cannot {verb} resource "{resource}" in API group "{group}" in the namespace "{ns}"'),
                 kind=resource.split("/")[0], name=name)
-        if resource == "endpointslices" and verb in ("list", "watch"):
+        if resource in ("endpointslices", "secrets") and verb in ("list", "watch"):
             if verb == "watch":
-                return await self._watch(request, seen, ns)
-            return self._list(seen, ns)
+                return await self._watch(request, seen, ns, resource)
+            return self._list(seen, ns, resource)
         if resource == "deployments/scale" and name:
             return self._scale(seen, ns, name)
         if resource == "deployments" and name:
             return self._deployment(seen, ns, name)
         if resource == "leases":
             return self._lease(seen, ns, name)
+        if resource == "secrets" and name:
+            return self._secret(seen, ns, name)
         raise ApiStatus(405, "MethodNotAllowed", f"{seen.method} is not supported here")
 
     # ---- EndpointSlices ---------------------------------------------------------------------------
 
-    def _matching(self, resource: str, ns: str, selector: str) -> list[Obj]:
-        return [o for (r, n, _), o in sorted(self.objects.items())
-                if r == resource and n == ns
+    def _matching(self, resource: str, ns: str, selector: str,
+                  name: str | None = None) -> list[Obj]:
+        return [o for (r, n, oname), o in sorted(self.objects.items())
+                if r == resource and n == ns and name in (None, oname)
                 and selector_matches(selector, o["metadata"].get("labels") or {})]
 
-    def _list(self, seen: Seen, ns: str) -> web.Response:
+    def _list(self, seen: Seen, ns: str, resource: str) -> web.Response:
+        """A list, in pages when asked (``limit``; ``continue`` names the last one's end)."""
+        matching = self._matching(resource, ns, seen.query.get("labelSelector", ""),
+                                  field_name(seen.query))
+        start = int(seen.query.get("continue") or 0)
+        limit = int(seen.query.get("limit") or 0)
+        page = matching[start:start + limit] if limit > 0 else matching[start:]
         items = []
-        for obj in self._matching("endpointslices", ns, seen.query.get("labelSelector", "")):
+        for obj in page:
             item = copy.deepcopy(obj)
             item.pop("kind"), item.pop("apiVersion")  # list items carry neither
             items.append(item)
-        return self._json({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
-                           "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+        meta: Obj = {"resourceVersion": str(self.rv)}
+        if limit > 0 and start + limit < len(matching):
+            meta["continue"] = str(start + limit)
+            meta["remainingItemCount"] = len(matching) - start - limit
+        api_version, kind = {"endpointslices": ("discovery.k8s.io/v1", "EndpointSliceList"),
+                             "secrets": ("v1", "SecretList")}[resource]
+        return self._json({"apiVersion": api_version, "kind": kind, "metadata": meta,
+                           "items": items})
 
-    async def _watch(self, request: web.Request, seen: Seen, ns: str) -> web.StreamResponse:
+    async def _watch(self, request: web.Request, seen: Seen, ns: str,
+                     resource: str) -> web.StreamResponse:
         selector = seen.query.get("labelSelector", "")
+        name = field_name(seen.query)
         rv_param = seen.query.get("resourceVersion", "")
         timeout_s = float(seen.query.get("timeoutSeconds") or 1800)
         if rv_param and not rv_param.isdigit():
             raise ApiStatus(400, "BadRequest", f"invalid resourceVersion {rv_param!r}")
-        w = Watcher("endpointslices", ns, selector)
+        w = Watcher(resource, ns, selector, name)
         gone = False
         if rv_param in ("", "0"):
-            backlog = [("ADDED", o) for o in self._matching("endpointslices", ns, selector)]
+            backlog = [("ADDED", o) for o in self._matching(resource, ns, selector, name)]
         elif int(rv_param) < self.compacted:
             gone, backlog = True, []
         else:
             since = int(rv_param)
             backlog = [(t, o) for v, r, n, t, o in self.log
-                       if v > since and r == "endpointslices" and n == ns
+                       if v > since and r == resource and n == ns
+                       and name in (None, o["metadata"]["name"])
                        and selector_matches(selector, o["metadata"].get("labels") or {})]
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
@@ -743,6 +812,26 @@ class FakeKubeApi:
             return self._json(self._store("leases", ns, new, "MODIFIED"))
         raise ApiStatus(405, "MethodNotAllowed", f"{seen.method} is not supported here")
 
+
+
+    # ---- Secrets ----------------------------------------------------------------------------------
+
+    def _secret(self, seen: Seen, ns: str, name: str) -> web.Response:
+        current = self.objects.get(("secrets", ns, name))
+        if current is None:
+            raise ApiStatus(404, "NotFound", f'secrets "{name}" not found', kind="secrets",
+                            name=name)
+        if seen.method == "GET":
+            return self._json(current)
+        if seen.method == "PUT" and isinstance(seen.body, dict):
+            errors = schema_errors(seen.body)
+            if errors:
+                raise ApiStatus(422, "Invalid", "; ".join(errors))
+            self._check_rv(seen.body, current, "secrets", name)
+            new = copy.deepcopy(current)
+            new["data"] = seen.body.get("data") or {}
+            return self._json(self._store("secrets", ns, new, "MODIFIED"))
+        raise ApiStatus(405, "MethodNotAllowed", f"{seen.method} is not supported here")
 
 
 # ---- test helpers ------------------------------------------------------------------------------

@@ -222,7 +222,8 @@ def test_the_role_manifest_grants_what_the_adapter_needs() -> None:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
-                    name = LEASE_NAME if resource == "leases" and verb != "create" else None
+                    name = LEASE_NAME if resource == "leases" and verb != "create" else (
+                        "mlfe-keys" if resource == "secrets" else None)
                     assert allowed(rules, group, resource, verb, name), (group, resource, verb)
     for verb in ("update", "patch"):
         assert not allowed(rules, "apps", "deployments", verb, "iris")
@@ -241,7 +242,7 @@ async def test_the_role_allows_only_what_mlfe_needs(fake: FakeKubeApi) -> None:
         r = await http.get(base)
         assert r.status_code == 403
         r = await http.get(f"{fake.url}/api/v1/namespaces/{NS}/secrets")
-        assert r.status_code == 404
+        assert r.status_code == 403  # only its own Secret, by name
         r = await http.patch(base + "/scale", content=b'{"spec":{"replicas":3}}')
         assert r.status_code == 200 and r.json()["spec"]["replicas"] == 3
     assert {v for rule in ROLE_RULES for v in rule["verbs"]} == {

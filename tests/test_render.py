@@ -193,8 +193,7 @@ def rules(role: Doc) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
 
 
 LEAST_PRIVILEGE = [
-    ("", "configmaps", ("mlfe-config",), ("get", "list", "watch")),
-    ("", "secrets", ("mlfe-keys",), ("get", "update", "patch")),
+    ("", "secrets", ("mlfe-keys",), ("get", "watch", "update")),
     ("apps", "deployments/scale", (), ("get", "patch")),
     ("coordination.k8s.io", "leases", (), ("create",)),
     ("coordination.k8s.io", "leases", ("mlfe-autoscaler",), ("get", "update")),
@@ -231,8 +230,10 @@ def test_role_allows_every_call_the_kubernetes_backend_makes() -> None:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
-                    # Leader election touches one Lease by name (create is never name-bound).
-                    name = leader.LEASE_NAME if resource == "leases" and verb != "create" else None
+                    # Leader election touches one Lease by name (create is never name-bound),
+                    # the shared state one Secret.
+                    name = leader.LEASE_NAME if resource == "leases" and verb != "create" else (
+                        "mlfe-keys" if resource == "secrets" else None)
                     assert allowed(group, resource, verb, name), (group, resource, verb)
 
 

@@ -6,7 +6,9 @@ and URL building). Its operations are exactly:
 
 * list and watch the EndpointSlices of one Service (label ``kubernetes.io/service-name``);
 * get and patch ``apps/v1 deployments/{name}/scale`` (never the Deployment itself);
-* get, create and replace one ``coordination.k8s.io/v1`` Lease (leader election).
+* get, create and replace one ``coordination.k8s.io/v1`` Lease (leader election);
+* get, watch and replace the router's Secret (the state every router pod shares:
+  ``deploy/kube/state.py``).
 
 :data:`ROLE_RULES` are the RBAC rules those operations need, no more: the Role that
 ``mlfe render`` emits for the router should be built from them, and the test API server
@@ -41,6 +43,7 @@ from mlfe.redact import redact_url
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+NAMESPACE_ENV = "POD_NAMESPACE"  # the downward API's, in the rendered Deployment
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -51,6 +54,7 @@ ROLE_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
      "verbs": ["get", "create", "update"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "watch", "update"]},
 ]
 
 
@@ -232,6 +236,7 @@ class KubeApi:
         self._discovery: Any = k8s.DiscoveryV1Api(api_client)
         self._apps: Any = k8s.AppsV1Api(api_client)
         self._coordination: Any = k8s.CoordinationV1Api(api_client)
+        self._core: Any = k8s.CoreV1Api(api_client)
 
     @classmethod
     async def connect(
@@ -257,7 +262,8 @@ class KubeApi:
                 environ=env,
             ).load_and_set(configuration)
             ns_file = service_account_dir / "namespace"
-            namespace = ns_file.read_text().strip() if ns_file.is_file() else "default"
+            namespace = (ns_file.read_text().strip() if ns_file.is_file() else "") or (
+                env.get(NAMESPACE_ENV, ""))
             log.info("kubernetes: in-cluster config, API server %s, namespace %s",
                      redact_url(configuration.host or ""), namespace)
         else:
@@ -269,9 +275,15 @@ class KubeApi:
                 raise KubeError(0, "NoConfig", "not in a pod (no service account) and no "
                                 f"usable kubeconfig: {e}") from e
             current = loader.current_context or {}
-            namespace = (current.get("context") or {}).get("namespace") or "default"
+            namespace = (current.get("context") or {}).get("namespace") or env.get(
+                NAMESPACE_ENV, "")
             log.info("kubernetes: kubeconfig context %s, API server %s, namespace %s",
                      current.get("name"), redact_url(configuration.host or ""), namespace)
+        if not namespace:
+            # Not "default": mlfe's Lease, Secret and Role live in its own namespace, and
+            # guessing wrong means every call is refused (and this pod can never lead).
+            raise KubeError(0, "NoNamespace", "mlfe's namespace is unknown: set it in the "
+                            f"kubeconfig context (`namespace:`) or in {NAMESPACE_ENV}")
         api_client = k8s.ApiClient(configuration)
         return cls(api_client, namespace, request_timeout_s)
 
@@ -320,14 +332,25 @@ class KubeApi:
         ``timeout_s``). Raises :class:`Gone` when that version is too old (an ERROR event or a
         410 answer), :class:`StreamDropped` when the stream breaks off, :class:`KubeError` for
         anything else. Use it under ``contextlib.aclosing`` so that leaving early closes it."""
-        what = f"watch endpointslices of {namespace}/{service}"
+        stream = self._watch(
+            f"watch endpointslices of {namespace}/{service}",
+            self._discovery.list_namespaced_endpoint_slice, namespace, resource_version,
+            timeout_s, label_selector=f"{SERVICE_NAME_LABEL}={service}")
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                yield event
+
+    async def _watch(
+        self, what: str, method: Any, namespace: str, resource_version: str, timeout_s: float,
+        **selector: str,
+    ) -> AsyncGenerator[WatchEvent, None]:
         try:
-            resp = await self._discovery.list_namespaced_endpoint_slice(
-                namespace, label_selector=f"{SERVICE_NAME_LABEL}={service}", watch=True,
-                resource_version=resource_version, allow_watch_bookmarks=True,
-                timeout_seconds=max(1, int(timeout_s)), _preload_content=False,
+            resp = await method(
+                namespace, watch=True, resource_version=resource_version,
+                allow_watch_bookmarks=True, timeout_seconds=max(1, int(timeout_s)),
+                _preload_content=False,
                 # No total bound; a read that stalls well past the server's own end is a drop.
-                _request_timeout=(self._timeout, timeout_s + 30))
+                _request_timeout=(self._timeout, timeout_s + 30), **selector)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise KubeError(0, "Unreachable", f"{what}: {type(e).__name__}: {e}") from e
         try:
@@ -349,6 +372,33 @@ class KubeApi:
             raise StreamDropped(0, "StreamDropped", f"{what}: {type(e).__name__}: {e}") from e
         finally:
             resp.close()
+
+    # ---- the state Secret -----------------------------------------------------------------------
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self._call(f"get secret {namespace}/{name}",
+                                self._core.read_namespaced_secret, name, namespace)
+
+    async def replace_secret(self, namespace: str, secret: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT the Secret; its ``metadata.resourceVersion`` makes it conditional
+        (:class:`Conflict` when another writer changed it first)."""
+        name = str(secret["metadata"]["name"])
+        return await self._call(f"replace secret {namespace}/{name}",
+                                self._core.replace_namespaced_secret, name, namespace,
+                                dict(secret))
+
+    async def watch_secret(
+        self, namespace: str, name: str, resource_version: str, timeout_s: float,
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Changes of one Secret after ``resource_version`` (a watch narrowed by
+        ``metadata.name``, which RBAC's ``resourceNames`` can allow); as
+        :meth:`watch_endpoint_slices`."""
+        stream = self._watch(
+            f"watch secret {namespace}/{name}", self._core.list_namespaced_secret, namespace,
+            resource_version, timeout_s, field_selector=f"metadata.name={name}")
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                yield event
 
     # ---- scale subresource --------------------------------------------------------------------
 

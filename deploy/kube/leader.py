@@ -85,6 +85,7 @@ class LeaderElector:
         self._supervisor = supervisor or Supervisor(clock=self._clock)
         self._wall = wall
         self._leading = False
+        self._refused = False  # in an episode of 401/403 answers (warned once)
         self._renewed_at = float("-inf")  # clock time when the last successful write began
         self._observed: Lease | None = None  # the Lease record as last read or written
         self._observed_at = float("-inf")  # clock time when that record was first seen
@@ -137,12 +138,24 @@ class LeaderElector:
         now = self._clock.now()
         try:
             await self._try_acquire_or_renew(now)
+            if self._refused:
+                self._refused = False
+                log.info("lease %s/%s: the API server accepts this pod's requests again",
+                         self.namespace, self.name)
         except KubeError as e:
+            if e.status in (401, 403):
+                # Refused credentials (a rotated token, a Role in another namespace): this pod
+                # can never lead until that is fixed. Said once per episode, not every retry.
+                if not self._refused:
+                    log.warning("lease %s/%s: %s %s: this pod cannot lead until that is fixed "
+                                "(%s)", self.namespace, self.name, e.status, e.reason, e)
+                self._refused = True
             if self._leading and not self.is_leader:
                 self._set_leading(False, f"could not renew within {self.renew_deadline_s:g} s: "
                                          f"{e}")
             else:
-                level = logging.WARNING if self._leading else logging.DEBUG
+                level = logging.WARNING if self._leading and not self._refused else (
+                    logging.DEBUG)
                 log.log(level, "lease %s/%s: %s", self.namespace, self.name, e)
                 self._set_leading(self._leading, "")
         return self.is_leader

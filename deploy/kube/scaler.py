@@ -184,7 +184,9 @@ class KubeScaler:
             log.info("deployment %s: %d replicas", target.ref, scale.replicas)
             target.set_by_us = False
             return True
-        log.warning(
+        # A follower sees each of the leader's decisions this way: that is no news.
+        log.log(
+            logging.WARNING if self._may_scale() else logging.DEBUG,
             "deployment %s: spec.replicas is %d, not the %d mlfe %s: changed outside mlfe; "
             "taking %d as the current count", target.ref, scale.replicas, known,
             "set" if target.set_by_us else "last saw", scale.replicas)

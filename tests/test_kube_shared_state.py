@@ -1,0 +1,261 @@
+"""Three `mlfe serve` router pods against the fake API server share one state (the Secret
+`mlfe-keys`): an admin write on one pod is refused or stored, and once stored it is applied on
+every pod; a write survives the pod that took it; concurrent writes lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from tests.fake_kube_api import FakeKubeApi, Seen, fake_cluster
+from tests.support import Proc, free_port, spawn
+
+ADMIN = "admin-token-for-tests"
+NS = "mlfe"
+SECRET = "mlfe-keys"
+APPLY_WITHIN_S = 1.0  # the issue's bound: every pod applies a stored change within 1 s
+
+
+@contextlib.asynccontextmanager
+async def echo_replica() -> AsyncIterator[int]:
+    """A replica on loopback that answers every score with 200."""
+    async def score(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", score)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.Server)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        await runner.cleanup()
+
+
+class Pod:
+    def __init__(self, tmp: Path, fake: FakeKubeApi, name: str, replica_port: int) -> None:
+        self.name = name
+        self.port, self.admin_port = free_port(), free_port()
+        cfg = {
+            "router": {"listen": f"127.0.0.1:{self.port}",
+                       "admin_listen": f"127.0.0.1:{self.admin_port}",
+                       "state_dir": str(tmp / f"{name}-state"), "access_log": False},
+            "services": {
+                "iris": {"kubernetes": {"namespace": "models", "deployment": "iris"}},
+                "echo": {"upstreams": [f"127.0.0.1:{replica_port}"]},
+            },
+            "endpoints": {"myep": {"auth_enabled": False, "versions": {
+                "v1": {"service": "echo", "traffic_percentile": 100, "is_default": True},
+                "v2": {"service": "echo", "traffic_percentile": 0}}}},
+        }
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        self.proc: Proc = spawn(
+            ["serve", "--config", str(path)], tmp / f"{name}.log", self.port,
+            {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
+             "POD_NAME": name})
+        self.http = httpx.AsyncClient(timeout=5)
+
+    async def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return await self.http.request(method, f"http://127.0.0.1:{self.admin_port}{path}",
+                                       headers={"Authorization": f"Bearer {ADMIN}"}, **kw)
+
+    async def score(self, key: str) -> int:
+        r = await self.http.post(f"http://127.0.0.1:{self.port}/api/v1/service/echo/score",
+                                 headers={"Authorization": f"Bearer {key}"}, json={})
+        return r.status_code
+
+    async def ready(self) -> bool:
+        try:
+            r = await self.http.get(f"http://127.0.0.1:{self.port}/-/ready")
+            if r.status_code != 200:
+                return False
+            return (await self.admin("GET", "/v1/services")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.signal(sig)
+        code: int = await asyncio.to_thread(self.proc.wait_exit)
+        await self.http.aclose()
+        return code
+
+
+async def until(what: str, condition: Callable[[], Any], pods: list[Pod],
+                within_s: float) -> None:
+    """Poll the async ``condition`` until true, with a deadline; every pod must stay alive."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not await condition():
+        for p in pods:
+            assert p.proc.alive(), p.proc.log()[-3000:]
+        assert loop.time() < deadline, f"timed out ({within_s} s) waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def stored_keys(fake: FakeKubeApi) -> dict[str, dict[str, str]]:
+    keys: dict[str, dict[str, str]] = orjson.loads(fake.secret(NS, SECRET)["keys.json"])
+    return keys
+
+
+async def start_pods(tmp: Path, fake: FakeKubeApi, replica_port: int, n: int) -> list[Pod]:
+    pods = [Pod(tmp, fake, f"mlfe-router-{i}", replica_port) for i in range(n)]
+    try:
+        await until("every pod ready", lambda: _all(p.ready() for p in pods), pods, 60)
+    except BaseException:
+        for p in pods:
+            await p.stop(signal.SIGKILL)
+        raise
+    return pods
+
+
+async def _all(checks: Any) -> bool:
+    return all(await asyncio.gather(*checks))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[FakeKubeApi, int]]:
+    async with fake_cluster(tmp_path) as fake, echo_replica() as replica_port:
+        fake.put_deployment("models", "iris", replicas=1)
+        fake.put_secret(NS, SECRET, {"admin-token": ADMIN.encode()})  # empty state: filled in
+        yield fake, replica_port
+
+
+async def test_three_pods_share_keys_endpoints_and_survive_a_kill(
+        tmp_path: Path, cluster: tuple[FakeKubeApi, int]) -> None:
+    fake, replica_port = cluster
+    pods = await start_pods(tmp_path, fake, replica_port, 3)
+    try:
+        # The keys one pod generated for `echo` (the Secret was empty) are every pod's keys.
+        keys = stored_keys(fake)["echo"]
+        old = keys["primaryKey"]
+        for p in pods:
+            assert (await p.admin("GET", "/v1/services/echo/keys")).json()["primaryKey"] == old
+            assert await p.score(old) == 200
+        assert fake.secret(NS, SECRET)["admin-token"] == ADMIN.encode()  # left as it was
+
+        # regen-key on pod 0: stored before the answer; on all three within 1 s.
+        r = await pods[0].admin("POST", "/v1/services/echo/regen-key",
+                                json={"keyType": "Primary"})
+        assert r.status_code == 200, r.text
+        new = r.json()["primaryKey"]
+        assert stored_keys(fake)["echo"]["primaryKey"] == new  # acknowledged once stored
+
+        async def everywhere() -> bool:
+            return await _all([_refused_and_accepted(p, old, new) for p in pods])
+
+        await until("the new key on every pod", everywhere, pods, APPLY_WITHIN_S)
+
+        # An endpoint's traffic, changed on pod 1, applied on all three.
+        for version, share in (("v1", 0), ("v2", 100)):
+            r = await pods[1].admin("PATCH", f"/v1/endpoints/myep/versions/{version}",
+                                    json={"trafficPercentile": share})
+            assert r.status_code == 200, r.text
+
+        async def traffic_everywhere() -> bool:
+            got = [(await p.admin("GET", "/v1/endpoints/myep")).json() for p in pods]
+            return all(g["versions"]["v2"]["trafficPercentile"] == 100 and
+                       g["versions"]["v1"]["trafficPercentile"] == 0 for g in got)
+
+        await until("the traffic change on every pod", traffic_everywhere, pods,
+                    APPLY_WITHIN_S)
+
+        # kill -9 of the pod that took the write: the others keep it; a restarted pod has it.
+        r = await pods[2].admin("POST", "/v1/services/echo/regen-key",
+                                json={"keyType": "Secondary"})
+        assert r.status_code == 200, r.text
+        secondary = r.json()["secondaryKey"]
+        assert await pods[2].stop(signal.SIGKILL) == -signal.SIGKILL
+        restarted = Pod(tmp_path, fake, "mlfe-router-2b", replica_port)
+        pods[2] = restarted
+        await until("the restarted pod ready", restarted.ready, pods, 60)
+        for p in pods:
+            assert await p.score(secondary) == 200
+            assert await p.score(new) == 200
+            ep = (await p.admin("GET", "/v1/endpoints/myep")).json()
+            assert ep["versions"]["v2"]["trafficPercentile"] == 100
+    finally:
+        codes = [await p.stop() for p in pods]
+    assert codes == [0, 0, 0], [p.proc.log()[-2000:] for p in pods]
+
+
+async def _refused_and_accepted(pod: Pod, old: str, new: str) -> bool:
+    return await pod.score(old) == 401 and await pod.score(new) == 200
+
+
+async def test_a_write_that_lost_a_race_is_refused_and_nothing_is_lost(
+        tmp_path: Path, cluster: tuple[FakeKubeApi, int]) -> None:
+    fake, replica_port = cluster
+    pods = await start_pods(tmp_path, fake, replica_port, 2)
+    try:
+        # Another writer changes the Secret between pod 0's read and its write: pod 0's write
+        # is refused (409, nothing stored), and pod 0 takes the other writer's state.
+        other = dict(stored_keys(fake))
+        other["echo"] = {**other["echo"], "secondaryKey": "set-by-another-writer-0123456789"}
+
+        def race(seen: Seen) -> None:
+            if seen.method == "PUT" and seen.resource == "secrets" and fake.before is race:
+                fake.before = None
+                files = fake.secret(NS, SECRET)
+                fake.put_secret(NS, SECRET, {**files, "keys.json": orjson.dumps(other)})
+
+        fake.before = race
+        r = await pods[0].admin("POST", "/v1/services/echo/regen-key",
+                                json={"keyType": "Primary"})
+        assert r.status_code == 409, r.text
+        assert "another admin write" in r.json()["message"]
+        assert stored_keys(fake) == other
+        for p in pods:
+            await until("the other writer's key", lambda p=p: _accepts(  # type: ignore[misc]
+                p, other["echo"]["secondaryKey"]), pods, APPLY_WITHIN_S)
+
+        # Two admins at once, on two pods: each is stored or refused; none is lost.
+        r0, r1 = await asyncio.gather(
+            pods[0].admin("POST", "/v1/services/echo/regen-key", json={"keyType": "Primary"}),
+            pods[1].admin("POST", "/v1/services/echo/regen-key",
+                          json={"keyType": "Secondary"}))
+        assert {r0.status_code, r1.status_code} <= {200, 409}
+        assert 200 in (r0.status_code, r1.status_code)
+        final = stored_keys(fake)["echo"]
+        assert (final["primaryKey"] == r0.json()["primaryKey"]) == (r0.status_code == 200)
+        assert (final["secondaryKey"] == r1.json().get("secondaryKey")) == (
+            r1.status_code == 200)
+    finally:
+        codes = [await p.stop() for p in pods]
+    assert codes == [0, 0], [p.proc.log()[-2000:] for p in pods]
+
+
+async def _accepts(pod: Pod, key: str) -> bool:
+    return await pod.score(key) == 200
+
+
+async def test_admin_writes_are_refused_while_the_api_server_is_unreachable(
+        tmp_path: Path, cluster: tuple[FakeKubeApi, int]) -> None:
+    fake, replica_port = cluster
+    pods = await start_pods(tmp_path, fake, replica_port, 1)
+    try:
+        key = stored_keys(fake)["echo"]["primaryKey"]
+        fake.fail("PUT", "/secrets/", 503, times=1)
+        r = await pods[0].admin("POST", "/v1/services/echo/regen-key",
+                                json={"keyType": "Primary"})
+        assert r.status_code == 503, r.text
+        assert "cannot be written now" in r.json()["message"]
+        assert stored_keys(fake)["echo"]["primaryKey"] == key  # nothing changed
+        assert await pods[0].score(key) == 200  # and it keeps serving with the state it has
+    finally:
+        assert await pods[0].stop() == 0, pods[0].proc.log()[-2000:]
