@@ -56,7 +56,9 @@ class Pod:
                        "admin_listen": f"127.0.0.1:{self.admin_port}",
                        "state_dir": str(tmp / f"{name}-state"), "access_log": False},
             "services": {
-                "iris": {"kubernetes": {"namespace": "models", "deployment": "iris"}},
+                "iris": {"kubernetes": {"namespace": "models", "deployment": "iris"},
+                         "autoscale_min_replicas": 1, "autoscale_refresh_seconds": 0.2,
+                         "autoscale_scale_down_window_seconds": 1},
                 "echo": {"upstreams": [f"127.0.0.1:{replica_port}"]},
             },
             "endpoints": {"myep": {"auth_enabled": False, "versions": {
@@ -209,7 +211,7 @@ async def test_a_write_that_lost_a_race_is_refused_and_nothing_is_lost(
         other["echo"] = {**other["echo"], "secondaryKey": "set-by-another-writer-0123456789"}
 
         def race(seen: Seen) -> None:
-            if seen.method == "PUT" and seen.resource == "secrets" and fake.before is race:
+            if seen.method == "PUT" and "/secrets/" in seen.path and fake.before is race:
                 fake.before = None
                 files = fake.secret(NS, SECRET)
                 fake.put_secret(NS, SECRET, {**files, "keys.json": orjson.dumps(other)})
