@@ -30,6 +30,7 @@ async def test_serve_follows_endpoint_slices_and_scales_through_the_subresource(
         tmp_path: Path) -> None:
     async with fake_cluster(tmp_path) as fake:
         fake.put_deployment("models", "iris", replicas=3)
+        fake.put_secret("mlfe", "mlfe-keys", {})  # the router pods' shared state
         fake.put_slice("models", "iris-abc", "iris", [ep("192.0.2.10"), ep("192.0.2.11")])
         port, admin_port = free_port(), free_port()
         cfg = {
@@ -87,6 +88,7 @@ async def test_router_scales_its_own_deployment_out_under_load(tmp_path: Path) -
     rep = await asyncio.to_thread(start_replica, tmp_path, EXAMPLES / "echo" / "score.py")
     async with fake_cluster(tmp_path) as fake:
         fake.put_deployment("mlfe", "mlfe-router", replicas=1)
+        fake.put_secret("mlfe", "mlfe-keys", {})
         fake.put_deployment("models", "iris", replicas=1)
         fake.put_slice("models", "iris-abc", "iris", [ep("192.0.2.10")])
         port, admin_port = free_port(), free_port()
