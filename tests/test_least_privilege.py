@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.fake_kube_api import FakeKubeApi, Seen, allowed, manifest_rules
+from tests.fake_kube_api import Seen, allowed, manifest_rules
 from tests.test_kube_shared_state import NS, SECRET, Pod, stored_keys, until
 
 Grant = tuple[str, str, str, str | None]  # group, resource, verb, name (None: any)
@@ -22,7 +22,7 @@ def grants(rules: Iterable[Mapping[str, Any]]) -> set[Grant]:
             for n in (rule.get("resourceNames") or [None])}
 
 
-def used(requests: Iterable[Seen], rules: list[Mapping[str, Any]]) -> set[Grant]:
+def used(requests: Iterable[Seen], rules: Iterable[Mapping[str, Any]]) -> set[Grant]:
     """The grants the requests needed: each request maps to the narrowest grant that allows it
     (its name, when a rule names it)."""
     out: set[Grant] = set()
@@ -56,7 +56,7 @@ async def test_the_role_grants_exactly_what_the_router_calls(tmp_path: Path) -> 
             await until("the idle service scaled down", scaled, [pod], 30)
         finally:
             assert await pod.stop(signal.SIGTERM) == 0, pod.proc.log()[-3000:]
-        rules: list[Mapping[str, Any]] = manifest_rules()
+        rules = manifest_rules()
         refused = [(s.method, s.path, s.query) for s in fake.requests if s.status == 403]
         assert not refused  # everything the router asks is granted
         for s in fake.requests:

@@ -19,11 +19,11 @@ takes the winner's instead, so every pod ends with the same keys.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import copy
 import logging
-import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
