@@ -81,6 +81,22 @@ async def test_kubeconfig_outside_a_pod(fake: FakeKubeApi, tmp_path: Path) -> No
         await api.close()
 
 
+async def test_an_unknown_namespace_is_an_error_at_start(fake: FakeKubeApi,
+                                                        tmp_path: Path) -> None:
+    """A kubeconfig context without a namespace is not taken as `default` (where mlfe's
+    Lease and Secret are not, so every call would be refused): a clear error, unless
+    POD_NAMESPACE says it."""
+    config = str(fake.kubeconfig(namespace=""))
+    with pytest.raises(KubeError, match="namespace is unknown") as err:
+        await KubeApi.connect(kubeconfig=config, service_account_dir=tmp_path / "none",
+                              environ={})
+    assert err.value.reason == "NoNamespace"
+    api = await KubeApi.connect(kubeconfig=config, service_account_dir=tmp_path / "none",
+                                environ={"POD_NAMESPACE": "dev"})
+    assert api.namespace == "dev"
+    await api.close()
+
+
 async def test_no_cluster_config_is_a_kube_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-kubeconfig"
     missing.write_text("{}")

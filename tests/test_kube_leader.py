@@ -199,3 +199,26 @@ def test_timing_must_leave_a_gap() -> None:
     with pytest.raises(ValueError, match="retry_period_s < renew_deadline_s < lease_duration_s"):
         LeaderElector(None, identity="x", namespace=NS,  # type: ignore[arg-type]
                       lease_duration_s=10, renew_deadline_s=10, retry_period_s=2)
+
+
+async def test_refused_credentials_are_one_warning_per_episode(
+        fake: FakeKubeApi, apis: tuple[KubeApi, KubeApi], clock: WatchedClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A Role in another namespace (or a rotated token): every Lease call is 403. The pod says
+    so once, at WARNING, without a traceback, and again only after it worked in between."""
+    a = elector(apis[0], "pod-a", clock)
+    rules = fake.rules
+    fake.roles = {"elsewhere": rules}  # mlfe's Role is not in the pod's namespace
+    caplog.set_level(logging.DEBUG, logger="deploy.kube.leader")
+    for _ in range(3):
+        assert not await a.step()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "403" in warnings[0].getMessage()
+    assert warnings[0].exc_info is None
+    fake.roles = None
+    assert await a.step()
+    fake.roles = {"elsewhere": rules}
+    clock.advance(1)
+    await a.step()
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) >= 2
+    await a.close(release=False)
