@@ -223,3 +223,21 @@ async def test_the_router_deployment_for_the_self_scaler(fake: FakeKubeApi, api:
             await pods.set_pods(4)
     finally:
         await target.close()
+
+
+async def test_a_follower_sees_the_leaders_scaling_without_a_warning(
+    fake: FakeKubeApi, api: KubeApi, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a pod that does not lead, every decision of the leader is a change it did not make:
+    that is expected, so it is taken in quietly (and still adopted)."""
+    follower = KubeScaler(api, clock=FakeClock(), may_scale=lambda: False)
+    follower.set_targets({"iris": DeploymentRef(NS, "iris")})
+    try:
+        await follower.refresh("iris")
+        fake.scale_by_hand(NS, "iris", 4)  # the leader's decision
+        with caplog.at_level(logging.WARNING, logger="deploy.kube.scaler"):
+            assert await follower.refresh("iris") == 4
+        assert follower.current("iris") == 4
+        assert "changed outside mlfe" not in caplog.text
+    finally:
+        await follower.close()
