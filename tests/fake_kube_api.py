@@ -14,8 +14,15 @@ Every object it emits (responses and watch events) is validated against the offi
 OpenAPI-derived JSON schemas shipped in ``kubernetes-validate`` (strict: no unknown fields);
 failures are kept in :attr:`FakeKubeApi.invalid`, which tests assert is empty.
 
+Also as the real server: Secrets (get, update with optimistic concurrency, list and watch
+narrowed by ``fieldSelector=metadata.name``, which RBAC checks against ``resourceNames``), list
+and watch of Leases, BOOKMARK events (:meth:`bookmark`) to watches that allow them, an object
+that leaves a watch's label selector sent to it as DELETED, ``limit``/``continue`` on lists,
+and, with ``roles``, Roles per namespace (a request where mlfe has no Role is 403).
+
 The test drives the cluster side directly in Python: :meth:`put_slice`, :meth:`delete_slice`,
-:meth:`put_deployment`, :meth:`scale_by_hand`, :meth:`put_lease`; and injects faults:
+:meth:`put_deployment`, :meth:`scale_by_hand`, :meth:`put_lease`, :meth:`put_secret`,
+:meth:`relabel`; and injects faults:
 :meth:`compact` (older versions answer 410), :meth:`drop_watches` (cut streams, or end them
 cleanly), :meth:`fail` (answer the next matching requests with 409/429/500/...). Every
 request is recorded in :attr:`requests`; :meth:`wait_request` waits for one (with a deadline).
@@ -66,6 +73,7 @@ _SCHEMA_FILES = {
     ("Lease", "coordination.k8s.io/v1"): "lease-coordination-v1",
     ("Secret", "v1"): "secret-v1",
     ("SecretList", "v1"): "secretlist-v1",
+    ("LeaseList", "coordination.k8s.io/v1"): "leaselist-coordination-v1",
     ("Status", "v1"): "status-meta-v1",
     ("WatchEvent", "v1"): "watchevent-meta-v1",
 }
@@ -258,6 +266,7 @@ class Watcher:
     namespace: str
     selector: str
     name: str | None = None  # a fieldSelector on metadata.name
+    bookmarks: bool = False  # allowWatchBookmarks
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
@@ -487,6 +496,26 @@ class FakeKubeApi:
         obj = self.objects[("secrets", namespace, name)]
         return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
 
+    def relabel(self, resource: str, namespace: str, name: str, labels: Mapping[str, str]) -> None:
+        """Replace an object's labels (a watch whose selector it leaves sees it DELETED)."""
+        obj = copy.deepcopy(self.objects[(resource, namespace, name)])
+        obj["metadata"]["labels"] = dict(labels)
+        self._store(resource, namespace, obj, "MODIFIED")
+
+    def bookmark(self) -> int:
+        """A BOOKMARK event (the current resourceVersion, no object) to every watch that asked
+        for them, as the real server sends them now and then; returns how many got one."""
+        kinds = {"endpointslices": ("discovery.k8s.io/v1", "EndpointSlice"),
+                 "secrets": ("v1", "Secret"), "leases": ("coordination.k8s.io/v1", "Lease")}
+        sent = 0
+        for w in self.watchers:
+            if w.bookmarks:
+                api_version, kind = kinds[w.resource]
+                w.queue.put_nowait(("BOOKMARK", {"apiVersion": api_version, "kind": kind,
+                                                 "metadata": {"resourceVersion": str(self.rv)}}))
+                sent += 1
+        return sent
+
     # ---- test control: faults -----------------------------------------------------------------
 
     def compact(self) -> None:
@@ -591,7 +620,7 @@ class FakeKubeApi:
                 f'{resource} "{name or ""}" is forbidden: User "system:serviceaccount:{ns}:mlfe" '
                 f'cannot {verb} resource "{resource}" in API group "{group}" in the namespace "{ns}"'),
                 kind=resource.split("/")[0], name=name)
-        if resource in ("endpointslices", "secrets") and verb in ("list", "watch"):
+        if resource in ("endpointslices", "secrets", "leases") and verb in ("list", "watch"):
             if verb == "watch":
                 return await self._watch(request, seen, ns, resource)
             return self._list(seen, ns, resource)
@@ -630,7 +659,8 @@ class FakeKubeApi:
             meta["continue"] = str(start + limit)
             meta["remainingItemCount"] = len(matching) - start - limit
         api_version, kind = {"endpointslices": ("discovery.k8s.io/v1", "EndpointSliceList"),
-                             "secrets": ("v1", "SecretList")}[resource]
+                             "secrets": ("v1", "SecretList"),
+                             "leases": ("coordination.k8s.io/v1", "LeaseList")}[resource]
         return self._json({"apiVersion": api_version, "kind": kind, "metadata": meta,
                            "items": items})
 
@@ -642,7 +672,8 @@ class FakeKubeApi:
         timeout_s = float(seen.query.get("timeoutSeconds") or 1800)
         if rv_param and not rv_param.isdigit():
             raise ApiStatus(400, "BadRequest", f"invalid resourceVersion {rv_param!r}")
-        w = Watcher(resource, ns, selector, name)
+        w = Watcher(resource, ns, selector, name,
+                    seen.query.get("allowWatchBookmarks", "").lower() in ("true", "1", "t"))
         gone = False
         if rv_param in ("", "0"):
             backlog = [("ADDED", o) for o in self._matching(resource, ns, selector, name)]
@@ -690,6 +721,9 @@ class FakeKubeApi:
         return resp
 
     async def _write_event(self, resp: web.StreamResponse, kind: str, obj: Obj) -> None:
+        if kind == "BOOKMARK":  # only kind, apiVersion and metadata.resourceVersion: no schema
+            await resp.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+            return
         event = {"type": kind, "object": self._emit(obj)}
         for err in schema_errors(event, "WatchEvent", "v1"):
             self.invalid.append(err)
