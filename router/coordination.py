@@ -14,13 +14,18 @@ its demand (busy + queued) every few tens of milliseconds. The broker moves slot
   waits for a grant.
 * An instance that disappears keeps its slots, as far as the broker knows, until the I/O layer
   calls `leave` (after a grace period covering requests the replica may still be running).
+* A broker that replaces another (a new leader's) starts *cold*: the members of the one before
+  (`expected`) may still hold its slots, unknown here. Until each has reported what it holds
+  (adopted, never more than fits) or the I/O layer calls `warm` (after the time within which a
+  member that lost its broker gives its slots up), nothing is granted: members keep admitting
+  with the slots they hold, and the sum stays under every cap.
 
 Everything here is a function of the calls made; no clock, no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -75,8 +80,24 @@ def shares(total: int, weights: Mapping[str, int], turn: int = 0) -> dict[str, i
 
 
 class SlotBroker:
-    def __init__(self) -> None:
+    def __init__(self, expected: Iterable[str] = ()) -> None:
         self._services: dict[str, _Service] = {}
+        self._waiting_for: set[str] = set(expected)  # cold until these have reported
+
+    @property
+    def cold(self) -> bool:
+        return bool(self._waiting_for)
+
+    def warm(self) -> list[SetSlots]:
+        """The wait is over: a member that has not reported by now holds nothing."""
+        self._waiting_for.clear()
+        return self._rebalance_all()
+
+    def _rebalance_all(self) -> list[SetSlots]:
+        out: list[SetSlots] = []
+        for name, svc in self._services.items():
+            out += self._rebalance(name, svc)
+        return out
 
     # ---- what members tell the broker ------------------------------------------------------
 
@@ -106,6 +127,10 @@ class SlotBroker:
         if holding:
             out += self._adopt(svc, service, member, holding)
         self._forget_unknown(svc)
+        if member in self._waiting_for:
+            self._waiting_for.discard(member)
+            if not self._waiting_for:
+                return out + self._rebalance_all()
         return out + self._rebalance(service, svc)
 
     def released(self, member: str, service: str, replica: str, slots: int) -> list[SetSlots]:
@@ -217,8 +242,8 @@ class SlotBroker:
                     rep.lowering[m] = usable - cut
                     excess -= cut
                     out.append(SetSlots(m, service, addr, usable - cut))
-        # 2. Free slots: first up to `lo`, then up to `hi`.
-        for bound in (lo, hi):
+        # 2. Free slots: first up to `lo`, then up to `hi`. Cold: none (see the module doc).
+        for bound in (() if self.cold else (lo, hi)):
             for m in members:
                 need = bound[m] - self._counted(svc, m)
                 for addr, rep in sorted(svc.replicas.items(), key=lambda kv: -kv[1].free()):

@@ -825,6 +825,8 @@ class FakeKubeApi:
                                 "already exists", kind="leases", name=lname)
             meta = self._new_meta(lname, ns)
             del meta["generation"]
+            if body["metadata"].get("annotations"):
+                meta["annotations"] = dict(body["metadata"]["annotations"])
             obj: Obj = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                         "metadata": meta, "spec": body.get("spec") or {}}
             return self._json(self._store("leases", ns, obj, "ADDED"), status=201)
@@ -843,6 +845,10 @@ class FakeKubeApi:
             self._check_rv(seen.body, current, "leases.coordination.k8s.io", name)
             new = copy.deepcopy(current)
             new["spec"] = seen.body.get("spec") or {}
+            annotations = (seen.body.get("metadata") or {}).get("annotations")
+            new["metadata"].pop("annotations", None)
+            if annotations:
+                new["metadata"]["annotations"] = dict(annotations)
             return self._json(self._store("leases", ns, new, "MODIFIED"))
         raise ApiStatus(405, "MethodNotAllowed", f"{seen.method} is not supported here")
 

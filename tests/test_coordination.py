@@ -144,3 +144,38 @@ def test_random_traffic_never_exceeds_any_cap(seed: int) -> None:
             assert sum(held.values()) <= cap
             for mm in members.values():
                 assert mm.in_flight[addr] <= max(mm.usable[addr], held.get(mm.name, 0))
+
+
+def _held(broker: SlotBroker, service: str, replica: str) -> int:
+    return sum(broker.held(service).get(replica, {}).values())
+
+
+def test_a_broker_that_replaces_another_grants_nothing_until_the_old_members_reported() -> None:
+    """A new leader's broker: members a and b may hold the old broker's slots. Until both have
+    said what they hold, a newcomer gets nothing (the sum could exceed the cap)."""
+    broker = SlotBroker(expected={"a", "b"})
+    assert broker.cold
+    assert broker.report("c", "s", 5, {"r": 4}) == []  # would be 4 slots on a warm broker
+    assert broker.report("a", "s", 1, {"r": 4}, holding={"r": 1}) == []
+    assert _held(broker, "s", "r") == 1
+    out = broker.report("b", "s", 1, {"r": 4}, holding={"r": 1})  # the last one: warm now
+    assert not broker.cold
+    granted = {m.member: m.slots for m in out}
+    assert granted.get("c", 0) > 0
+    assert _held(broker, "s", "r") <= 4
+
+
+def test_warm_ends_the_wait_for_members_that_never_came_back() -> None:
+    broker = SlotBroker(expected={"gone"})
+    assert broker.report("c", "s", 2, {"r": 3}) == []
+    out = broker.warm()
+    assert [(m.member, m.slots) for m in out] == [("c", 3)]
+    assert not broker.cold
+
+
+def test_a_cold_broker_still_takes_back_what_does_not_fit() -> None:
+    """Holdings adopted from members that (wrongly) hold more than the cap are cut back."""
+    broker = SlotBroker(expected={"a", "b"})
+    broker.report("a", "s", 3, {"r": 3}, holding={"r": 3})
+    out = broker.report("b", "s", 0, {"r": 3}, holding={"r": 2})
+    assert ("b", 0) in [(m.member, m.slots) for m in out]  # b must come down to what fits

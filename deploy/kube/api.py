@@ -161,6 +161,8 @@ class Lease:
     renew_time: str | None = None
     transitions: int = 0
     resource_version: str | None = None  # None: not stored yet
+    # What the holder advertises (metadata.annotations): where its slot broker listens.
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Lease:
@@ -174,12 +176,15 @@ class Lease:
             renew_time=spec.get("renewTime"),
             transitions=int(spec.get("leaseTransitions") or 0),
             resource_version=meta.get("resourceVersion"),
+            annotations=dict(meta.get("annotations") or {}),
         )
 
     def to_json(self, namespace: str) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": self.name, "namespace": namespace}
         if self.resource_version is not None:
             meta["resourceVersion"] = self.resource_version
+        if self.annotations:
+            meta["annotations"] = dict(self.annotations)
         spec: dict[str, Any] = {"leaseTransitions": self.transitions}
         if self.holder is not None:
             spec["holderIdentity"] = self.holder

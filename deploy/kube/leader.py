@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -91,6 +91,8 @@ class LeaderElector:
         self._observed_at = float("-inf")  # clock time when that record was first seen
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Written into the Lease while this pod holds it (the slot broker's address).
+        self.advertised: dict[str, str] = {}
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -98,6 +100,11 @@ class LeaderElector:
     def is_leader(self) -> bool:
         """Whether this pod may act as the leader now (a pure function of state and time)."""
         return self._leading and self._clock.now() < self._renewed_at + self.renew_deadline_s
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        """The Lease's annotations as last read (what its holder advertises)."""
+        return self._observed.annotations if self._observed is not None else {}
 
     @property
     def holder(self) -> str | None:
@@ -171,7 +178,8 @@ class LeaderElector:
         current = await self.api.get_lease(self.namespace, self.name)
         if current is None:
             mine = Lease(self.name, holder=self.identity, duration_s=duration,
-                         acquire_time=stamp, renew_time=stamp, transitions=0)
+                         acquire_time=stamp, renew_time=stamp, transitions=0,
+                         annotations=dict(self.advertised))
             self._seen(await self.api.create_lease(self.namespace, mine), now)
             self._renewed_at = now
             self._set_leading(True, "created the lease")
@@ -186,7 +194,8 @@ class LeaderElector:
         mine = replace(
             current, holder=self.identity, duration_s=duration, renew_time=stamp,
             acquire_time=current.acquire_time if ours else stamp,
-            transitions=current.transitions + (0 if ours else 1))
+            transitions=current.transitions + (0 if ours else 1),
+            annotations={**current.annotations, **self.advertised})
         self._seen(await self.api.replace_lease(self.namespace, mine), now)
         self._renewed_at = now
         if ours:
