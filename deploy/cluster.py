@@ -22,6 +22,7 @@ from mlfe.clock import MonotonicClock
 from mlfe.config import ConfigError, MlfeConfig
 from mlfe.stats import StatsSource
 from mlfe.supervise import Supervisor
+from router.slots import DEFAULT_GRACE_S
 
 if TYPE_CHECKING:
     from deploy.kube import (
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
         LeaderElector,
         PeerCounts,
     )
+    from deploy.kube.broker import LeaseBroker
     from deploy.kube.state import KubeStateStore
     from router.server import Router
 
@@ -71,7 +73,8 @@ async def connect_state(cfg: MlfeConfig, supervisor: Supervisor) -> KubeStateSto
 
 class Cluster:
     def __init__(self, cfg: MlfeConfig, router: Router, local_counts: StatsSource,
-                 admin_token: str, supervisor: Supervisor, api: KubeApi | None = None) -> None:
+                 admin_token: str, supervisor: Supervisor, api: KubeApi | None = None,
+                 broker_listen: str | None = None) -> None:
         self.cfg = cfg
         self._supervisor = supervisor
         self._router = router
@@ -84,6 +87,10 @@ class Cluster:
         self._peer_watch: EndpointWatcher | None = None
         self._lead: asyncio.Task[None] | None = None
         self.autoscaler: AutoscalerLoop | None = None
+        # With ``broker_listen``: the slot broker runs on the Lease holder (deploy/kube/broker.py)
+        # and this router's slot member follows it.
+        self._broker_listen = broker_listen
+        self.lease_broker: LeaseBroker | None = None
 
     async def start(self) -> None:
         # Imported here: kubernetes_asyncio is an optional extra and slow to import.
@@ -108,6 +115,16 @@ class Cluster:
         self.elector = LeaderElector(self.api, identity=default_identity(),
                                      supervisor=self._supervisor)
         elector = self.elector
+        member = self._router.member
+        if self._broker_listen is not None and member is not None:
+            from deploy.kube.broker import LeaseBroker
+
+            coord = self.cfg.router.coordination
+            self.lease_broker = LeaseBroker(
+                elector, member, listen=self._broker_listen,
+                grace_s=coord.grace_seconds if coord else DEFAULT_GRACE_S,
+                supervisor=self._supervisor)
+            self.lease_broker.start()
         self.target = KubernetesTarget(self._router.services, self.api,
                                        supervisor=self._supervisor,
                                        may_scale=lambda: elector.is_leader,
@@ -142,6 +159,8 @@ class Cluster:
     async def _start_scaling(self) -> None:
         assert self.peers is not None and self.target is not None
         log.info("leading: scaling the kubernetes services")
+        if self.lease_broker is not None:
+            await self.lease_broker.lead()
         self.peers.start()
         self.autoscaler = AutoscalerLoop(counts=self.peers, actuator=self.target,
                                          clock=MonotonicClock(), supervisor=self._supervisor)
@@ -151,6 +170,8 @@ class Cluster:
 
     async def _stop_scaling(self) -> None:
         log.info("not leading: scaling stops")
+        if self.lease_broker is not None:
+            await self.lease_broker.follow()
         if self.autoscaler is not None:
             await self.autoscaler.stop()
             self.autoscaler = None
@@ -158,6 +179,8 @@ class Cluster:
             await self.peers.stop()
 
     async def close(self) -> None:
+        if self.lease_broker is not None:
+            await self.lease_broker.close()
         if self._lead is not None:
             self._lead.cancel()
             with contextlib.suppress(asyncio.CancelledError):

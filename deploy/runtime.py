@@ -77,7 +77,18 @@ class Runtime:
         self.broker: BrokerServer | None = None
         coord = cfg.router.coordination
         membership: Membership | None = None
-        if supervise:
+        # In a cluster the slot broker runs on the Lease holder, found through the Lease
+        # (deploy/kube/broker.py), unless a fixed broker is configured.
+        self._broker_listen: str | None = None
+        if uses_kubernetes(cfg) and not supervise and (coord is None or coord.broker is None):
+            from deploy.kube.broker import BROKER_PORT, HOLD_S
+
+            self._broker_listen = coord.listen if coord and coord.listen else (
+                f"0.0.0.0:{BROKER_PORT}")
+            member_id = (coord.member_id if coord else None) or os.environ.get("POD_NAME") or (
+                f"{socket.gethostname()}-{os.getpid()}")
+            membership = Membership("", member_id, hold_s=HOLD_S)
+        elif supervise:
             assert config_path is not None
             self.broker = BrokerServer(coord.grace_seconds if coord else DEFAULT_GRACE_S)
             self.workers = WorkerPool(config_path, workers, broker_address(cfg), self.supervisor)
@@ -101,7 +112,8 @@ class Runtime:
         if uses_kubernetes(cfg):
             self.cluster = Cluster(cfg, self.router, self.router,
                                    admin_token(cfg.router.state_dir), self.supervisor,
-                                   api=state.api if state is not None else None)
+                                   api=state.api if state is not None else None,
+                                   broker_listen=self._broker_listen)
 
     def _build_self_scaler(self, pods: DeploymentPods | None) -> RouterScaler | None:
         """The router's self-scaler (off with cluster_purpose DevTest): worker processes when

@@ -86,9 +86,10 @@ class Membership:
     (docs/coordinated-admission.md). ``follows_supervisor``: a worker process, whose replica
     sets and state reloads come from its supervisor through the broker."""
 
-    address: str
+    address: str  # "": learnt later (SlotMember.set_address: the Lease holder's broker)
     member_id: str
     follows_supervisor: bool = False
+    hold_s: float | None = None  # without a broker this long, give the slots up
 
 
 def _no_scaling(name: str) -> Mapping[str, Any]:
@@ -161,7 +162,7 @@ class Router:
             self.member = SlotMember(
                 lambda: self.services, membership.address, membership.member_id, supervisor,
                 on_replicas=self._set_replicas if follow else None,
-                on_reload=self.reload_state if follow else None)
+                on_reload=self.reload_state if follow else None, hold_s=membership.hold_s)
         self._links = ServiceLinks(
             supervisor,
             on_release=self.member.replica_released if self.member is not None else None,

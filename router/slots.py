@@ -66,8 +66,8 @@ def _line(msg: dict[str, Any]) -> bytes:
 class BrokerServer:
     """Owns the slots of every replica; members connect, report and receive grants."""
 
-    def __init__(self, grace_s: float = DEFAULT_GRACE_S) -> None:
-        self.broker = SlotBroker()
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S, expected: Iterable[str] = ()) -> None:
+        self.broker = SlotBroker(expected)
         self.grace_s = grace_s
         self._writers: dict[str, asyncio.StreamWriter] = {}
         self._leaving: dict[str, asyncio.TimerHandle] = {}
@@ -94,6 +94,23 @@ class BrokerServer:
             self._server.close()
         for w in list(self._writers.values()):
             w.close()
+
+    @property
+    def port(self) -> int:
+        sockets = getattr(self._server, "sockets", None)  # asyncio's or uvloop's Server
+        assert sockets
+        return int(sockets[0].getsockname()[1])
+
+    def members(self) -> list[str]:
+        """The members connected now (a new broker waits for these: SlotBroker's cold start)."""
+        return sorted(self._writers)
+
+    def warm(self) -> None:
+        """End a cold start (see router/coordination.py)."""
+        if self.broker.cold:
+            log.info("slot broker: lending (the previous broker's members reported or their "
+                     "hold time passed)")
+        self._send(self.broker.warm())
 
     def push_replicas(self, service: str, addrs: Iterable[str]) -> None:
         """The supervisor's replica set of a service, for its worker processes."""
@@ -206,10 +223,16 @@ class SlotMember:
     def __init__(self, services: Callable[[], Mapping[str, Service]], address: str,
                  member_id: str, supervisor: Supervisor,
                  on_replicas: Callable[[str, list[str]], None] | None = None,
-                 on_reload: Callable[[], None] | None = None) -> None:
+                 on_reload: Callable[[], None] | None = None,
+                 hold_s: float | None = None) -> None:
         self._services = services
         self._supervisor = supervisor
-        self._address = address
+        self._address = address  # "": none known yet (set_address)
+        self._address_set = asyncio.Event()
+        # Without a broker for this long, give every slot up (None: keep them): a new broker
+        # counts on that to know what is free (SlotBroker's cold start).
+        self._hold_s = hold_s
+        self._drop: asyncio.TimerHandle | None = None
         self.member_id = member_id
         self._on_replicas = on_replicas
         self._on_reload = on_reload
@@ -231,9 +254,37 @@ class SlotMember:
 
     # ---- the connection ----------------------------------------------------------------------
 
+    def set_address(self, address: str) -> None:
+        """The broker moved (a new leader's): leave the old one, join this one."""
+        if address == self._address:
+            return
+        log.info("slot broker: now at %s", address or "(none)")
+        self._address = address
+        self._address_set.set()
+        if self._writer is not None:
+            self._writer.close()  # run() notices and connects to the new address
+
+    def _lost_broker(self) -> None:
+        if self._hold_s is not None and self._drop is None:
+            self._drop = asyncio.get_running_loop().call_later(self._hold_s, self._give_up)
+
+    def _give_up(self) -> None:
+        self._drop = None
+        log.warning("slot broker: none for %.0f s; giving this router's slots up until one "
+                    "lends again", self._hold_s or 0)
+        for svc in self._services().values():
+            for replica in list(svc.pool.replicas):
+                if replica.cap:
+                    svc.pool.set_cap(replica, 0)
+
     async def run(self) -> None:
         delay = 0.05
+        self._lost_broker()  # not connected yet: the hold time runs
         while True:
+            if not self._address:
+                self._address_set.clear()
+                await self._address_set.wait()
+                continue
             try:
                 reader, writer = await open_stream(self._address)
             except OSError:
@@ -241,6 +292,9 @@ class SlotMember:
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
             delay = 0.05
+            if self._drop is not None:
+                self._drop.cancel()
+                self._drop = None
             self._writer = writer
             self._last.clear()
             writer.write(_line({"op": "hello", "member": self.member_id}))
@@ -259,6 +313,7 @@ class SlotMember:
                 self.connected.clear()
                 self._writer = None
                 writer.close()
+                self._lost_broker()
             # Keep the slots held: the sum stays under every cap while the broker is away.
             log.warning("slot broker at %s gone; reconnecting", self._address)
 
@@ -302,7 +357,9 @@ class SlotMember:
                                    "busy": pool.busy, "queued": pool.queued,
                                    "replicas": dict(replicas), "inFlight": in_flight}
             if with_holding:
-                msg["holding"] = {r.addr: r.cap for r in pool.replicas if r.cap}
+                # In flight counts too: slots given up may still have requests running.
+                msg["holding"] = {r.addr: max(r.cap, r.in_flight) for r in pool.replicas
+                                  if r.cap or r.in_flight}
             self._write(msg)
 
     def _apply(self, msg: dict[str, Any]) -> None:

@@ -48,18 +48,21 @@ async def echo_replica() -> AsyncIterator[int]:
 
 
 class Pod:
-    def __init__(self, tmp: Path, fake: FakeKubeApi, name: str, replica_port: int) -> None:
+    def __init__(self, tmp: Path, fake: FakeKubeApi, name: str, replica_port: int,
+                 router: dict[str, Any] | None = None, echo: dict[str, Any] | None = None,
+                 ) -> None:
         self.name = name
         self.port, self.admin_port = free_port(), free_port()
         cfg = {
             "router": {"listen": f"127.0.0.1:{self.port}",
                        "admin_listen": f"127.0.0.1:{self.admin_port}",
-                       "state_dir": str(tmp / f"{name}-state"), "access_log": False},
+                       "state_dir": str(tmp / f"{name}-state"), "access_log": False,
+                       **(router or {})},
             "services": {
                 "iris": {"kubernetes": {"namespace": "models", "deployment": "iris"},
                          "autoscale_min_replicas": 1, "autoscale_refresh_seconds": 0.2,
                          "autoscale_scale_down_window_seconds": 1},
-                "echo": {"upstreams": [f"127.0.0.1:{replica_port}"]},
+                "echo": {"upstreams": [f"127.0.0.1:{replica_port}"], **(echo or {})},
             },
             "endpoints": {"myep": {"auth_enabled": False, "versions": {
                 "v1": {"service": "echo", "traffic_percentile": 100, "is_default": True},
@@ -115,8 +118,9 @@ def stored_keys(fake: FakeKubeApi) -> dict[str, dict[str, str]]:
     return keys
 
 
-async def start_pods(tmp: Path, fake: FakeKubeApi, replica_port: int, n: int) -> list[Pod]:
-    pods = [Pod(tmp, fake, f"mlfe-router-{i}", replica_port) for i in range(n)]
+async def start_pods(tmp: Path, fake: FakeKubeApi, replica_port: int, n: int,
+                     **kw: Any) -> list[Pod]:
+    pods = [Pod(tmp, fake, f"mlfe-router-{i}", replica_port, **kw) for i in range(n)]
     try:
         await until("every pod ready", lambda: _all(p.ready() for p in pods), pods, 60)
     except BaseException:

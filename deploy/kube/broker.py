@@ -1,0 +1,119 @@
+"""The slot broker on the Lease holder: exact per-replica caps across router pods, by default.
+
+The pod that holds the Lease runs the slot broker (router/slots.py) and advertises it in the
+Lease's annotations (``mlfe.io/slot-broker``: its identity and address); every pod, the holder
+included, joins the broker the Lease names, so nothing is configured. The holder also lists
+the broker's members (``mlfe.io/slot-members``), so that the next holder's broker knows whose
+slots may still be out there:
+
+- a new broker starts cold (router/coordination.py): it lends nothing until each member of the
+  previous broker has reported what it holds, or until ``hold_s + grace_s`` has passed;
+- a member without a broker keeps admitting with the slots it holds (their sum fits every
+  cap), and gives them up after ``hold_s`` (SlotMember), so that the cold start's end is safe;
+- a pod that stops holding the Lease closes its broker at once (its members move on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from deploy.kube.leader import LeaderElector
+from deploy.kube.peers import pod_ip
+from mlfe.clock import Clock, MonotonicClock
+from mlfe.supervise import Supervisor
+from router.slots import BrokerServer, SlotMember
+
+log = logging.getLogger(__name__)
+
+BROKER_ANNOTATION = "mlfe.io/slot-broker"
+MEMBERS_ANNOTATION = "mlfe.io/slot-members"
+BROKER_PORT = 8082
+# Longer than a failover (the Lease's 15 s duration): members keep their slots through one.
+HOLD_S = 30.0
+FOLLOW_S = 0.5  # how often a pod looks at the Lease as last read for the broker's address
+
+
+def advertised_address(listen: str, port: int) -> str:
+    """Where other pods reach a broker listening on ``listen``: its host, or this pod's IP
+    when it listens on every address."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = pod_ip() or "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def broker_named(elector: LeaderElector) -> str:
+    """The broker address the Lease names, if its holder wrote it (else "")."""
+    value = elector.annotations.get(BROKER_ANNOTATION, "")
+    holder, _, address = value.partition("@")
+    return address if holder and holder == elector.holder else ""
+
+
+class LeaseBroker:
+    """Runs the broker while this pod leads, and points this pod's slot member at the broker
+    the Lease names."""
+
+    def __init__(self, elector: LeaderElector, member: SlotMember, *, listen: str,
+                 grace_s: float, supervisor: Supervisor, hold_s: float = HOLD_S,
+                 clock: Clock | None = None) -> None:
+        self._elector = elector
+        self._member = member
+        self._listen = listen
+        self._grace_s = grace_s
+        self._hold_s = hold_s
+        self._supervisor = supervisor
+        self._clock = clock or MonotonicClock()
+        self.server: BrokerServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks.append(self._supervisor.spawn(self._follow(), name="slot broker address"))
+
+    async def _follow(self) -> None:
+        while True:
+            address = broker_named(self._elector)
+            if address:
+                self._member.set_address(address)
+            await self._clock.sleep(FOLLOW_S)
+
+    async def lead(self) -> None:
+        """This pod now holds the Lease: run the broker, cold if another ran one before."""
+        previous = self._elector.annotations.get(MEMBERS_ANNOTATION, "")
+        expected = {m for m in previous.split(",") if m}
+        server = BrokerServer(self._grace_s, expected=expected)
+        await server.start(self._listen)
+        self.server = server
+        address = advertised_address(self._listen, server.port)
+        self._elector.advertised = {BROKER_ANNOTATION: f"{self._elector.identity}@{address}",
+                                    MEMBERS_ANNOTATION: ""}
+        log.info("slot broker at %s%s", address,
+                 f" (cold: waiting for {len(expected)} members of the previous broker)"
+                 if expected else "")
+        self._member.set_address(address)
+        self._tasks.append(self._supervisor.spawn(self._advertise_members(server),
+                                                  name="slot broker members"))
+
+    async def _advertise_members(self, server: BrokerServer) -> None:
+        started = self._clock.now()
+        while True:
+            self._elector.advertised[MEMBERS_ANNOTATION] = ",".join(server.members())
+            if server.broker.cold and self._clock.now() - started >= self._hold_s + self._grace_s:
+                server.warm()  # whoever has not come back has given its slots up by now
+            await self._clock.sleep(FOLLOW_S)
+
+    async def follow(self) -> None:
+        """This pod no longer holds the Lease: its broker closes (members move on)."""
+        for task in self._tasks[1:]:
+            task.cancel()
+        del self._tasks[1:]
+        self._elector.advertised = {}
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
+
+    async def close(self) -> None:
+        await self.follow()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
