@@ -110,3 +110,12 @@ def test_load_config_reports_file_problems(tmp_path: Path) -> None:
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(listy)
+
+
+def test_router_pods_have_a_floor_and_every_cooldown_is_configurable() -> None:
+    cfg = parse_config({"router": {"self_scaling": {
+        "min_pods": 2, "max_pods": 4, "pod_cooldown_seconds": 45}}})
+    s = cfg.router.self_scaling
+    assert (s.min_pods, s.max_pods, s.pod_cooldown_seconds, s.cooldown_seconds) == (2, 4, 45, 30)
+    with pytest.raises(ConfigError, match="min_pods"):
+        parse_config({"router": {"self_scaling": {"min_pods": 3, "max_pods": 2}}})

@@ -35,7 +35,8 @@ async def test_serve_follows_endpoint_slices_and_scales_through_the_subresource(
         port, admin_port = free_port(), free_port()
         cfg = {
             "router": {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}",
-                       "state_dir": str(tmp_path / "state")},
+                       "state_dir": str(tmp_path / "state"),
+                       "coordination": {"listen": "127.0.0.1:0"}},
             "services": {"iris": {
                 "kubernetes": {"namespace": "models", "deployment": "iris"},
                 "autoscale_min_replicas": 1, "autoscale_max_replicas": 4,
@@ -94,7 +95,8 @@ async def test_router_scales_its_own_deployment_out_under_load(tmp_path: Path) -
         port, admin_port = free_port(), free_port()
         cfg = {
             "router": {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}",
-                       "state_dir": str(tmp_path / "state"), "access_log": False,
+                       "state_dir": str(tmp_path / "state"),
+                       "coordination": {"listen": "127.0.0.1:0"}, "access_log": False,
                        # Any load counts as slow routing: one more pod, up to 2.
                        "self_scaling": {"max_pods": 2, "routing_time_up_ms": 0.0001,
                                         "up_window_seconds": 2, "period_seconds": 0.5,

@@ -301,7 +301,7 @@ def test_router_deployment_is_hardened_spread_and_probed(quickstart: list[Doc]) 
     router = container(dep, "router")
     assert router["command"] == ["mlfe", "serve", "--config", "/etc/mlfe/config.yaml"]
     ports = {p["name"]: p["containerPort"] for p in router["ports"]}
-    assert ports == {"scoring": 8080, "admin": 8081, "metrics": 8082}
+    assert ports == {"scoring": 8080, "admin": 8081, "metrics": 8082, "slot-broker": 8083}
     assert router["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "scoring",
                                                   "scheme": "HTTP"}
     assert router["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "scoring",
@@ -484,6 +484,9 @@ def test_config_map_points_services_at_their_deployments(quickstart: list[Doc]) 
     cfg = parse_config(yaml.safe_load(data["config.yaml"]))
     assert (cfg.router.listen, cfg.router.admin_listen) == ("0.0.0.0:8080", "0.0.0.0:8081")
     assert str(cfg.router.state_dir) == "/var/lib/mlfe"
+    # A cluster front end keeps at least the 2 pods it is rendered with.
+    scaling = cfg.router.self_scaling
+    assert scaling.min_pods == 2 and scaling.max_pods >= 2
     iris = cfg.services["iris"]
     assert iris.kubernetes is not None
     assert (iris.kubernetes.namespace, iris.kubernetes.deployment) == ("mlfe", "iris")

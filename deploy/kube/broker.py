@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 BROKER_ANNOTATION = "mlfe.io/slot-broker"
 MEMBERS_ANNOTATION = "mlfe.io/slot-members"
-BROKER_PORT = 8082
+BROKER_PORT = 8083
 # Longer than a failover (the Lease's 15 s duration): members keep their slots through one.
 HOLD_S = 30.0
 FOLLOW_S = 0.5  # how often a pod looks at the Lease as last read for the broker's address
