@@ -100,6 +100,11 @@ class Runtime:
         self.router = Router(cfg, loop, supervisor=self.supervisor,
                              workers=self.broker if supervise else None,
                              membership=membership, scaling=self._scaling_status, state=state)
+        if self._broker_listen is not None:
+            # A pod holds no slots before it has joined the Lease holder's broker: not ready
+            # until then (afterwards it keeps its slots through a broker's absence).
+            member = self.router.member
+            self.router.handler.ready_check = lambda: member is None or member.joined
         self.admin = AdminApi(self.router, admin_token(cfg.router.state_dir))
         self.metrics_api = MetricsApi(self.router.metrics) if cfg.router.metrics_listen else None
         self.router.metrics.register(RouterProcessCollector(

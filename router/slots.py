@@ -240,6 +240,7 @@ class SlotMember:
         self._last: dict[str, object] = {}
         self._lowered: dict[tuple[str, str], int] = {}  # (service, addr) -> slots to fit under
         self.connected = asyncio.Event()
+        self.joined = False  # has joined a broker once (before that it holds no slots)
 
     # ---- hooks from the scoring path -------------------------------------------------------
 
@@ -261,8 +262,9 @@ class SlotMember:
         log.info("slot broker: now at %s", address or "(none)")
         self._address = address
         self._address_set.set()
-        if self._writer is not None:
-            self._writer.close()  # run() notices and connects to the new address
+        writer, self._writer = self._writer, None  # nothing more is written to the old one
+        if writer is not None:
+            writer.close()  # run() notices and connects to the new address
 
     def _lost_broker(self) -> None:
         if self._hold_s is not None and self._drop is None:
@@ -300,6 +302,7 @@ class SlotMember:
             writer.write(_line({"op": "hello", "member": self.member_id}))
             self._report(with_holding=True)
             self.connected.set()
+            self.joined = True
             reporter = self._supervisor.spawn(self._report_loop(), name="slot reports")
             try:
                 async for raw in reader:
@@ -318,7 +321,7 @@ class SlotMember:
             log.warning("slot broker at %s gone; reconnecting", self._address)
 
     def _write(self, msg: dict[str, Any]) -> None:
-        if self._writer is not None:
+        if self._writer is not None and not self._writer.is_closing():
             self._writer.write(_line(msg))
 
     async def _report_loop(self) -> None:

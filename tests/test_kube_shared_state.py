@@ -57,6 +57,8 @@ class Pod:
             "router": {"listen": f"127.0.0.1:{self.port}",
                        "admin_listen": f"127.0.0.1:{self.admin_port}",
                        "state_dir": str(tmp / f"{name}-state"), "access_log": False,
+                       # Pods on one host: the slot broker (on the Lease holder) on any port.
+                       "coordination": {"listen": "127.0.0.1:0"},
                        **(router or {})},
             "services": {
                 "iris": {"kubernetes": {"namespace": "models", "deployment": "iris"},
