@@ -4,8 +4,9 @@ scaled through `deployments/{name}/scale`, by whichever router pod holds the Lea
 Every router pod routes; only the leader scales. Admin writes (keys, endpoint versions, the
 signing key) go to one Secret that every pod follows (`deploy/kube/state.py`), read before the
 router is built (`connect_state`). Each leadership term gets a fresh autoscaler
-(no stale scale-down window carries over) reading load summed over every router pod
-(`PeerCounts`: each pod's `/v1/stats`, pods found through the router's admin Service).
+(no stale scale-down window carries over) reading load summed over every router pod: as the
+pods report it to the slot broker on the leader (`BrokerCounts`, the default), or with a fixed
+broker, each pod's `/v1/stats` (`PeerCounts`, pods found through the router's admin Service).
 """
 
 from __future__ import annotations
@@ -162,7 +163,13 @@ class Cluster:
         if self.lease_broker is not None:
             await self.lease_broker.lead()
         self.peers.start()
-        self.autoscaler = AutoscalerLoop(counts=self.peers, actuator=self.target,
+        counts: StatsSource = self.peers
+        if self.lease_broker is not None:
+            from deploy.kube.broker import BrokerCounts
+
+            lease_broker = self.lease_broker
+            counts = BrokerCounts(self._local_counts, lambda: lease_broker.server)
+        self.autoscaler = AutoscalerLoop(counts=counts, actuator=self.target,
                                          clock=MonotonicClock(), supervisor=self._supervisor)
         self.autoscaler.set_services({n: scaling_spec(c) for n, c in self.cfg.services.items()
                                       if c.kubernetes is not None})

@@ -302,8 +302,12 @@ def field_name(query: Mapping[str, str]) -> str | None:
 class FakeKubeApi:
     def __init__(self, tmp_path: Path, *, token: str = "sa-token-1",
                  rules: Iterable[Mapping[str, Any]] | None = None, history: int = 1000,
-                 roles: Mapping[str, Iterable[Mapping[str, Any]]] | None = None) -> None:
+                 roles: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
+                 allow_loopback: bool = False) -> None:
         self.tmp_path = tmp_path
+        # Unlike the real server: slices may name 127.0.0.1, for tests whose replicas and
+        # router pods all run on loopback (each replica on its own port).
+        self.allow_loopback = allow_loopback
         self.token = token
         self.rules = [dict(r) for r in (manifest_rules() if rules is None else rules)]
         # Namespaced Roles, as RBAC has them: with ``roles``, a request in a namespace that has
@@ -425,7 +429,7 @@ class FakeKubeApi:
         for e in eps:
             for a in e["addresses"]:
                 ip = ipaddress.ip_address(a)
-                if ip.is_loopback or ip.is_link_local:
+                if (ip.is_loopback and not self.allow_loopback) or ip.is_link_local:
                     raise ValueError(f"{a}: may not be in the loopback or link-local range")
         key = ("endpointslices", namespace, name)
         old = self.objects.get(key)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tests.fake_kube_api import fake_cluster
+import httpx
+
+from tests.fake_kube_api import ep, fake_cluster
 from tests.support import post_many
 from tests.test_kube_shared_state import ADMIN, NS, SECRET, Pod, start_pods, until
 
@@ -26,7 +28,8 @@ BROKER_ANNOTATION = "mlfe.io/slot-broker"
 class CountingReplica:
     """A replica that records how many requests it has in flight at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.02) -> None:
+        self.delay_s = delay_s
         self.in_flight = 0
         self.max_seen = 0
         self.served = 0
@@ -36,7 +39,7 @@ class CountingReplica:
         self.in_flight += 1
         self.max_seen = max(self.max_seen, self.in_flight)
         try:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(self.delay_s)
         finally:
             self.in_flight -= 1
         self.served += 1
@@ -44,8 +47,9 @@ class CountingReplica:
 
 
 @contextlib.asynccontextmanager
-async def counting_replica() -> AsyncIterator[tuple[CountingReplica, int]]:
-    rep = CountingReplica()
+async def counting_replica(delay_s: float = 0.02,
+                           ) -> AsyncIterator[tuple[CountingReplica, int]]:
+    rep = CountingReplica(delay_s)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", rep.handle)
     runner = web.AppRunner(app, access_log=None)
@@ -117,3 +121,50 @@ async def test_the_cap_holds_across_three_pods_and_a_leader_kill(tmp_path: Path)
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_leader_scales_on_the_load_of_every_pod(tmp_path: Path) -> None:
+    """Load sent to the two followers only: the Lease holder, which serves none of it, scales
+    the service up on the sum its broker hears from every pod."""
+    async with fake_cluster(tmp_path, allow_loopback=True) as fake, \
+            counting_replica(delay_s=0.05) as (rep, rep_port):
+        fake.put_deployment("models", "iris", replicas=1)
+        fake.put_slice("models", "iris-a", "iris", [ep("127.0.0.1")], ports=(("http", rep_port),))
+        fake.put_secret(NS, SECRET, {"admin-token": ADMIN.encode()})
+        pods = await start_pods(
+            tmp_path, fake, rep_port, 3,
+            router={"coordination": {"listen": "127.0.0.1:0", "grace_seconds": 1}},
+            iris={"auth_enabled": False, "replica_max_concurrent_requests": 1,
+                  "max_request_wait_time": 20000, "autoscale_max_replicas": 4})
+        done = asyncio.Event()
+        clients: list[asyncio.Task[None]] = []
+        try:
+            lease = fake.lease(NS, LEASE) or {}
+            holder = str((lease.get("spec") or {}).get("holderIdentity") or "")
+            leader = next(p for p in pods if holder.startswith(p.name + "_"))
+            followers = [p for p in pods if p is not leader]
+
+            async def client(pod: Pod) -> None:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    while not done.is_set():
+                        r = await http.post(
+                            f"http://127.0.0.1:{pod.port}/api/v1/service/iris/score", json={})
+                        assert r.status_code == 200, r.text
+
+            clients = [asyncio.ensure_future(client(p)) for p in followers for _ in range(4)]
+
+            async def scaled_up() -> bool:
+                for c in clients:
+                    if c.done():
+                        c.result()  # a client's failure, raised here
+                return bool(fake.deployment("models", "iris")["spec"]["replicas"] > 1)
+
+            await until("the leader scaling the followers' load", scaled_up, pods, 30)
+            stats = (await leader.admin("GET", "/v1/stats")).json()["services"]["iris"]
+            assert stats["completed"] == 0  # the leader itself served none of it
+            assert rep.max_seen == 1  # and the cap held across the pods meanwhile
+        finally:
+            done.set()
+            await asyncio.gather(*clients, return_exceptions=True)
+            for p in pods:
+                await p.stop()

@@ -50,7 +50,7 @@ async def echo_replica() -> AsyncIterator[int]:
 class Pod:
     def __init__(self, tmp: Path, fake: FakeKubeApi, name: str, replica_port: int,
                  router: dict[str, Any] | None = None, echo: dict[str, Any] | None = None,
-                 ) -> None:
+                 iris: dict[str, Any] | None = None) -> None:
         self.name = name
         self.port, self.admin_port = free_port(), free_port()
         cfg = {
@@ -63,7 +63,7 @@ class Pod:
             "services": {
                 "iris": {"kubernetes": {"namespace": "models", "deployment": "iris"},
                          "autoscale_min_replicas": 1, "autoscale_refresh_seconds": 0.2,
-                         "autoscale_scale_down_window_seconds": 1},
+                         "autoscale_scale_down_window_seconds": 1, **(iris or {})},
                 "echo": {"upstreams": [f"127.0.0.1:{replica_port}"], **(echo or {})},
             },
             "endpoints": {"myep": {"auth_enabled": False, "versions": {

@@ -16,11 +16,14 @@ slots may still be out there:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Callable
 
 from deploy.kube.leader import LeaderElector
 from deploy.kube.peers import pod_ip
 from mlfe.clock import Clock, MonotonicClock
+from mlfe.stats import ServiceStats, StatsSource
 from mlfe.supervise import Supervisor
 from router.slots import BrokerServer, SlotMember
 
@@ -48,6 +51,25 @@ def broker_named(elector: LeaderElector) -> str:
     value = elector.annotations.get(BROKER_ANNOTATION, "")
     holder, _, address = value.partition("@")
     return address if holder and holder == elector.holder else ""
+
+
+class BrokerCounts:
+    """The leader's load counts: busy and queued summed over every router pod, as each pod's
+    slot member reports them to the broker (every 20 ms while they change, every second
+    anyway), so the autoscaler scales on the whole service. Before the broker has any member,
+    this pod's own counts."""
+
+    def __init__(self, local: StatsSource, server: Callable[[], BrokerServer | None]) -> None:
+        self._local = local
+        self._server = server
+
+    def counts(self, service: str) -> ServiceStats:
+        local = self._local.counts(service)
+        server = self._server()
+        if server is None or not server.members():
+            return local
+        totals = server.totals(service)
+        return dataclasses.replace(local, busy=totals["busy"], queued=totals["queued"])
 
 
 class LeaseBroker:
