@@ -12,9 +12,8 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
-
 import httpx
+from aiohttp import web
 
 from tests.fake_kube_api import ep, fake_cluster
 from tests.support import post_many
