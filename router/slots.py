@@ -378,7 +378,9 @@ class SlotMember:
                 self._write({"op": "released", "service": svc.name, "replica": addr,
                              "slots": 0})
                 return
-            lowering = slots < replica.cap
+            # Below what it may use, or below what still runs there (slots it gave up without
+            # a broker): the broker counts them until this router says they are free.
+            lowering = slots < max(replica.cap, replica.in_flight)
             grant_all(svc.pool.set_cap(replica, slots))
             if not lowering:
                 self._lowered.pop((svc.name, addr), None)
