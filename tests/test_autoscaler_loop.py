@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from autoscaler.decider import Counts, Reason, ScalingSpec
+from autoscaler.decider import Counts, Policy, Reason, ScalingSpec
 from autoscaler.loop import AutoscalerLoop, ServiceStatus
 from mlfe.clock import FakeClock, MonotonicClock, settle
 from mlfe.supervise import TaskFailure
 from tests.late_clock import LateClock
 
-SPEC = ScalingSpec(min_replicas=1, max_replicas=100)
+AZUREML = Policy.AZUREML  # the tests of azureml-fe's rule
+SPEC = ScalingSpec(policy=AZUREML, min_replicas=1, max_replicas=100)
 
 
 # Every test here must leave no task running (the fixture is in tests/conftest.py).
@@ -93,7 +94,7 @@ async def harness() -> AsyncIterator[Harness]:
 async def test_step_load_is_scaled_within_one_refresh_period(
     harness: Harness, refresh: float
 ) -> None:
-    spec = ScalingSpec(max_replicas=100, refresh_seconds=refresh)
+    spec = ScalingSpec(policy=AZUREML, max_replicas=100, refresh_seconds=refresh)
     harness.loop.set_services({"svc": spec})
     harness.loop.start()
     await harness.clock.advance_and_settle(10.3)
@@ -197,7 +198,7 @@ async def test_status_exposes_the_last_decision(harness: Harness) -> None:
 
 async def test_services_tick_at_their_own_rate(harness: Harness) -> None:
     harness.loop.set_services(
-        {"fast": SPEC, "slow": ScalingSpec(max_replicas=100, refresh_seconds=5)}
+        {"fast": SPEC, "slow": ScalingSpec(policy=AZUREML, max_replicas=100, refresh_seconds=5)}
     )
     harness.loop.start()
     await harness.clock.advance_and_settle(10)
@@ -244,7 +245,7 @@ async def test_config_reload_adds_changes_and_removes_services(harness: Harness)
     await harness.clock.advance_and_settle(2)
 
     harness.router.busy.update(a=7, b=7)
-    harness.loop.set_services({"a": ScalingSpec(max_replicas=5), "b": SPEC})
+    harness.loop.set_services({"a": ScalingSpec(policy=AZUREML, max_replicas=5), "b": SPEC})
     await harness.clock.advance_and_settle(0)
     assert [(c.at, c.service, c.desired) for c in harness.actuator.calls] == [(2, "b", 10)]
 
@@ -260,7 +261,7 @@ async def test_config_reload_adds_changes_and_removes_services(harness: Harness)
 
 async def test_autoscale_off_converges_to_num_replicas(harness: Harness) -> None:
     harness.router.busy["svc"] = 50
-    harness.loop.set_services({"svc": ScalingSpec(autoscale_enabled=False, num_replicas=3)})
+    harness.loop.set_services({"svc": ScalingSpec(policy=AZUREML, autoscale_enabled=False, num_replicas=3)})
     harness.loop.start()
     await harness.clock.advance_and_settle(5)
     assert [(c.at, c.desired) for c in harness.actuator.calls] == [(0, 3)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autoscaler.decider import Counts, ScalingSpec
+from autoscaler.decider import Counts, Policy, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_loop import DeploymentPods
 from deploy.kube.api import KubeApi
@@ -186,7 +186,7 @@ async def test_the_autoscaler_drives_the_target(fake: FakeKubeApi, api: KubeApi)
     target = KubernetesTarget({}, api, clock=clock)
     target.configure({}, cfg.services)
     loop = AutoscalerLoop(counts=Busy(5), actuator=target, clock=clock)
-    loop.set_services({"iris": ScalingSpec(min_replicas=1, max_replicas=10)})
+    loop.set_services({"iris": ScalingSpec(min_replicas=1, max_replicas=10, policy=Policy.AZUREML)})
     try:
         await asyncio.wait_for(target.wait_synced(), 10)
         loop.start()  # first tick at once: 5 busy at 70 % -> 8 replicas
