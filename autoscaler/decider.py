@@ -11,11 +11,13 @@ load: a step that needs N replicas asks for N at its first decision, never the m
 backlog B left when the N replicas are ready drains at their spare rate, ``N·c/S - λ`` =
 ``λ·(1/target - 1)`` (43 % of λ at 70 %), so within ``B / (λ·(1/target - 1))`` seconds; requests
 that would wait longer than ``max_request_wait_time`` are refused by the router meanwhile. The
-rate comes from cumulative counts sampled several times per refresh period
-(:class:`DemandHistory`): over the last refresh period, starting where the service stopped being
-idle (a step is measured over the part of the period it was on), and over the history kept
-(``DEMAND_HISTORY_PERIODS`` periods) for rates too low to show in one period; the higher of the
-two is taken. Each uses (arrivals - 1) / span, which never exceeds an evenly spaced rate.
+rate comes from cumulative counts sampled ``DEMAND_SAMPLES_PER_PERIOD`` times per refresh period
+(:class:`DemandHistory`), and the loop decides at every sample: over the last refresh period,
+starting where the service stopped being idle (a step is measured over the part of the period
+it was on, once that is half a period), and over the history kept (``DEMAND_HISTORY_PERIODS``
+periods) for rates too low to show in one period; the higher of the two is taken. Each uses
+(arrivals - 1) / span, which never exceeds an evenly spaced rate. A step from idle is thus
+answered about half a period after it began, with N.
 
 **azureml**: azureml-fe's rule (README, Scaling): utilization = (busy + queued) / (replicas x
 concurrency), and desired = ceil(replicas x utilization / target), clamped to [min, max]. The
@@ -51,6 +53,9 @@ class Policy(enum.StrEnum):
 # periods of samples (the long rate window, and the service time's).
 DEMAND_SAMPLES_PER_PERIOD = 10
 DEMAND_HISTORY_PERIODS = 10
+# A rate needs load over at least this much of a period: 5 samples of a step, enough that one
+# request more or less moves the estimate little, and a step is still answered in half a period.
+DEMAND_MIN_SPAN_PERIODS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +152,10 @@ class DemandHistory:
             service_time = max(new.service_seconds - base.service_seconds, 0.0) / done
         return DemandHistory(samples, service_time)
 
-    def arrival_rate(self, window_s: float, now: float) -> float:
+    def arrival_rate(self, window_s: float, now: float, *, min_span_s: float = 0.0) -> float:
         """Arrivals per second over the last ``window_s``, from where the service stopped
-        being idle: (arrivals - 1) / span, 0 with fewer than two arrivals."""
+        being idle: (arrivals - 1) / span; 0 with fewer than two arrivals or load over less
+        than ``min_span_s`` (too few samples to tell a rate from noise)."""
         inside = [s for s in self.samples if s.at >= now - window_s - 1e-9]
         start = 0
         # An idle start (nothing in the system, nothing arriving next) is not load: skip it.
@@ -158,10 +164,19 @@ class DemandHistory:
             start += 1
         if start + 1 >= len(inside):
             return 0.0
-        first, last = inside[start], inside[-1]
-        arrived = last.arrivals - first.arrivals
-        span = last.at - first.at
-        return (arrived - 1) / span if arrived >= 2 and span > 0 else 0.0
+        # The span must be ``min_span_s`` from the start, whichever sample the rate is from.
+        last = inside[-1]
+        if last.at - inside[start].at < min_span_s - 1e-9:
+            return 0.0
+        # (arrivals - 1) / span from the start; after an idle start, also from the next sample,
+        # since load began somewhere inside that first interval.
+        best = 0.0
+        for first in inside[start:start + (2 if start or inside[0].in_system == 0 else 1)]:
+            arrived = last.arrivals - first.arrivals
+            span = last.at - first.at
+            if arrived >= 2 and span > 0:
+                best = max(best, (arrived - 1) / span)
+        return best
 
     def arrived_since(self, since: float) -> int:
         """Arrivals after ``since`` (between the sample before it and the last one)."""
@@ -227,8 +242,9 @@ def demand_estimate(spec: ScalingSpec, counts: Counts, history: DemandHistory, n
     in_system = counts.busy + counts.queued
     if not recent and not in_system:
         return _clamp(0, spec), 0.0, history.service_time
-    rate = max(history.arrival_rate(period, now),
-               history.arrival_rate(period * DEMAND_HISTORY_PERIODS, now))
+    min_span = period * DEMAND_MIN_SPAN_PERIODS
+    rate = max(history.arrival_rate(period, now, min_span_s=min_span),
+               history.arrival_rate(period * DEMAND_HISTORY_PERIODS, now, min_span_s=min_span))
     needed = 1
     service_time = history.service_time
     if service_time is not None:

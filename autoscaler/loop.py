@@ -3,8 +3,9 @@
 One supervised task per service, so that services keep their own ``refresh_seconds`` and a slow
 actuator call for one service does not delay the others. The loop only ticks and applies; the
 decision is :func:`autoscaler.decider.decide`. With the demand policy the loop ticks
-``DEMAND_SAMPLES_PER_PERIOD`` times per refresh period to sample the counts (the rates are
-deltas between samples) and decides on every refresh period's first tick. Nothing a tick does
+``DEMAND_SAMPLES_PER_PERIOD`` times per refresh period, to sample the counts (the rates are
+deltas between samples) and decide: a step is answered once its rate can be told (the scale-down
+window makes the tick rate irrelevant to scaling down). Nothing a tick does
 can end the loop: a failed read skips the tick and a failed scale call is retried on the next
 one, because the desired count still differs from the current one.
 """
@@ -85,7 +86,6 @@ class AutoscalerLoop:
         self._specs: dict[str, ScalingSpec] = {}
         self._windows: dict[str, ScaleDownWindow] = {}
         self._histories: dict[str, DemandHistory] = {}
-        self._next_decision: dict[str, float] = {}
         self._status: dict[str, ServiceStatus] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
@@ -105,7 +105,6 @@ class AutoscalerLoop:
                 task.cancel()
             self._windows.pop(name, None)
             self._histories.pop(name, None)
-            self._next_decision.pop(name, None)
             self._status.pop(name, None)
         if self._running:
             for name in self._specs.keys() - self._tasks.keys():
@@ -157,10 +156,6 @@ class AutoscalerLoop:
                 history = self._histories.get(name, DemandHistory()).observe(
                     counts, now, keep_s=spec.refresh_seconds * DEMAND_HISTORY_PERIODS)
                 self._histories[name] = history
-                # Half a sample of slack: scheduled times are sums of floats.
-                if now < self._next_decision.get(name, now) - _tick_period(spec) / 2:
-                    return
-            self._next_decision[name] = now + spec.refresh_seconds
             current = self._actuator.current(name)
             decision, window = decide(
                 spec,
