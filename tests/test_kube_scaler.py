@@ -223,3 +223,16 @@ async def test_the_router_deployment_for_the_self_scaler(fake: FakeKubeApi, api:
             await pods.set_pods(4)
     finally:
         await target.close()
+
+
+async def test_a_deployment_scales_to_zero_and_back(fake: FakeKubeApi, scaler: KubeScaler
+                                                     ) -> None:
+    """autoscale_min_replicas 0: replicas 0 through /scale, then 1 again for the next request."""
+    await scaler.refresh("iris")
+    await scaler.scale("iris", 0)
+    assert fake.deployment(NS, "iris")["spec"]["replicas"] == 0
+    assert scaler.current("iris") == 0
+    assert await scaler.refresh("iris") == 0  # a Deployment at zero reads back as 0
+    await scaler.scale("iris", 1)
+    assert fake.deployment(NS, "iris")["spec"]["replicas"] == 1
+    assert [w.body["spec"]["replicas"] for w in writes(fake)] == [0, 1]
