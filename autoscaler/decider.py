@@ -210,7 +210,10 @@ class ScaleDownWindow:
     def record(self, rec: Recommendation, *, window_s: float) -> ScaleDownWindow:
         if self.recent and rec.at < self.recent[-1].at:
             raise ValueError(f"time went backwards: {rec.at} after {self.recent[-1].at}")
-        recent = (*self.recent, rec)
+        # The same count again changes nothing in effect: keep the one that began it, so the
+        # window holds one entry per change, however often the loop decides.
+        same = bool(self.recent) and self.recent[-1].desired == rec.desired
+        recent = self.recent if same else (*self.recent, rec)
         start = rec.at - window_s
         first = 0
         while first + 1 < len(recent) and recent[first + 1].at <= start:

@@ -222,7 +222,8 @@ def test_window_keeps_only_what_is_still_in_effect() -> None:
     # At 65 the window starts at 5: 9 (superseded at 10) was still in effect then.
     assert [r.desired for r in window.recent] == [9, 5, 7, 2]
     window = window.record(Recommendation(70, 2), window_s=60)
-    assert [r.desired for r in window.recent] == [5, 7, 2, 2]
+    # The same count again is not a new entry (the 2 of 65 stays in effect): one per change.
+    assert [(r.at, r.desired) for r in window.recent] == [(10, 5), (20, 7), (65, 2)]
     assert window.highest() == 7
 
 

@@ -78,7 +78,10 @@ def test_scales_to_zero_and_the_next_request_waits_for_a_cold_start(tmp_path: Pa
         # It waited for the replica to start (its init alone is 300 ms), longer than
         # max_request_wait_time, and was served, not refused.
         assert line["status"] == 200 and line["queueMs"] > 500, line
-        assert stats(admin)["replicas"] == 1
+        st = stats(admin)
+        assert st["replicas"] == 1
+        # What the demand policy reads: one arrival, served, its replica time counted.
+        assert (st["arrivals"], st["served"]) == (1, 1) and st["serviceSeconds"] > 0.004
         # Idle again: back to zero after the window.
         up.wait_for(lambda: stats(admin).get("scaledToZero") is True, "scaled to zero again",
                     timeout=30)
