@@ -6,7 +6,9 @@ act on what comes back. The rules are azureml's: a replica never has more than
 first in first out, for at most `max_request_wait_time`; a freed slot goes straight to the
 oldest waiter, with no polling (a freed slot that waits for a timer is capacity thrown away).
 A request that finds no replica in rotation at all waits the same way: for a replica to join or
-come back, up to `max_request_wait_time` (then "No ready replicas").
+come back, up to `max_request_wait_time` (then "No ready replicas"); for a service that may be
+scaled to zero, `cold_start_s` (autoscale_cold_start_seconds) longer, for its first replica to
+start.
 """
 
 from __future__ import annotations
