@@ -4,14 +4,21 @@ that `GET /v1/stats` shows."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
+from deploy import local_target
+from mlfe.config import parse_config
+from mlfe.supervise import Supervisor
+from router.auth import NoAuth
+from router.services import Service, ServiceLinks
 from tests.support import Proc, free_port, spawn
 
 ADMIN = "admin-token-for-tests"
@@ -127,3 +134,34 @@ def test_a_failing_start_is_retried_with_a_backoff_shown_in_stats(tmp_path: Path
         assert stats(admin)["replicas"] == 0
     finally:
         stop(up)
+
+
+async def test_replicas_start_at_most_start_slots_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three replicas asked for at once, one start slot: each process is spawned only once the
+    one before it is ready, and none is counted ready before it is."""
+    monkeypatch.setattr(local_target, "start_slots", lambda: 1)
+    cfg = parse_config({"services": {"svc": {
+        "synthetic": {"latency": "fixed:5", "init_ms": 400}, "num_replicas": 3,
+        "auth_enabled": False}}}).services["svc"]
+    supervisor = Supervisor()
+    svc = Service("svc", cfg, NoAuth(), ServiceLinks(supervisor))
+    target = local_target.LocalTarget({"svc": svc}, tmp_path, supervisor)
+    target.configure({"svc": svc}, {"svc": cfg})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    try:
+        while loop.time() < deadline:
+            reps = target.replicas("svc")
+            spawned = [r for r in reps
+                       if r.state is local_target.State.STARTING and r.proc is not None]
+            assert len(spawned) <= 1, [(r.state, r.port) for r in reps]
+            ready = [r for r in reps if r.state is local_target.State.READY]
+            assert svc.pool.ready == len(ready)  # in the pool exactly when ready
+            if len(ready) == 3:
+                break
+            await asyncio.sleep(0.02)  # the poll interval
+        assert svc.pool.ready == 3
+    finally:
+        await target.close()
+        svc.close()
