@@ -2,9 +2,12 @@
 
 One supervised task per service, so that services keep their own ``refresh_seconds`` and a slow
 actuator call for one service does not delay the others. The loop only ticks and applies; the
-decision is :func:`autoscaler.decider.decide`. Nothing a tick does can end the loop: a failed
-read skips the tick and a failed scale call is retried on the next one, because the desired
-count still differs from the current one.
+decision is :func:`autoscaler.decider.decide`. With the demand policy the loop ticks
+``DEMAND_SAMPLES_PER_PERIOD`` times per refresh period, to sample the counts (the rates are
+deltas between samples) and decide: a step is answered once its rate can be told (the scale-down
+window makes the tick rate irrelevant to scaling down). Nothing a tick does
+can end the loop: a failed read skips the tick and a failed scale call is retried on the next
+one, because the desired count still differs from the current one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from autoscaler.decider import (
+    DEMAND_HISTORY_PERIODS,
+    DEMAND_SAMPLES_PER_PERIOD,
+    DemandHistory,
+    Policy,
     Reason,
     Recommendation,
     ScaleDownWindow,
@@ -52,6 +59,8 @@ class ServiceStatus:
     busy: int
     queued: int
     replicas: int  # ready replicas the router was sending to
+    rate: float | None = None  # the demand policy's arrival rate (requests/s)
+    service_time: float | None = None  # and service time (s)
 
 
 class AutoscalerLoop:
@@ -76,6 +85,7 @@ class AutoscalerLoop:
         self._supervisor = supervisor or Supervisor(on_failure=on_failure, clock=self._clock)
         self._specs: dict[str, ScalingSpec] = {}
         self._windows: dict[str, ScaleDownWindow] = {}
+        self._histories: dict[str, DemandHistory] = {}
         self._status: dict[str, ServiceStatus] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
@@ -94,6 +104,7 @@ class AutoscalerLoop:
             if task is not None:
                 task.cancel()
             self._windows.pop(name, None)
+            self._histories.pop(name, None)
             self._status.pop(name, None)
         if self._running:
             for name in self._specs.keys() - self._tasks.keys():
@@ -133,16 +144,18 @@ class AutoscalerLoop:
 
     async def _run(self, name: str) -> None:
         # Removal cancels this task, so the name is present whenever the ticker asks.
-        await tick_every(
-            self._clock,
-            lambda: self._specs[name].refresh_seconds,
-            lambda now: self._tick(name, now),
-        )
+        await tick_every(self._clock, lambda: _tick_period(self._specs[name]),
+                         lambda now: self._tick(name, now))
 
     async def _tick(self, name: str, now: float) -> None:
         spec = self._specs[name]
         try:
             counts = self._counts.counts(name)
+            history = None
+            if spec.policy is Policy.DEMAND:
+                history = self._histories.get(name, DemandHistory()).observe(
+                    counts, now, keep_s=spec.refresh_seconds * DEMAND_HISTORY_PERIODS)
+                self._histories[name] = history
             current = self._actuator.current(name)
             decision, window = decide(
                 spec,
@@ -150,6 +163,7 @@ class AutoscalerLoop:
                 current=current,
                 window=self._windows.get(name, ScaleDownWindow()),
                 now=now,
+                history=history,
             )
         except Exception:
             log.warning("Autoscaler skipped a tick of %r", name, exc_info=True)
@@ -164,6 +178,8 @@ class AutoscalerLoop:
             busy=counts.busy,
             queued=counts.queued,
             replicas=counts.replicas,
+            rate=decision.rate,
+            service_time=decision.service_time,
         )
         if decision.desired != current:
             log.info(
@@ -183,3 +199,9 @@ class AutoscalerLoop:
                     decision.desired,
                     exc_info=True,
                 )
+
+
+def _tick_period(spec: ScalingSpec) -> float:
+    if spec.policy is Policy.DEMAND:
+        return spec.refresh_seconds / DEMAND_SAMPLES_PER_PERIOD
+    return spec.refresh_seconds

@@ -1,12 +1,15 @@
-"""How mlfe's co-located autoscaler follows load: a step, a drop, and a square wave.
+"""How mlfe's co-located autoscaler follows load: a step, a drop, and a square wave, under each
+replica policy; then scale to zero and back.
 
     python -m benchmarks.autoscale [--quick] [--replicas-needed 5] [--hold 30] ...
 
 `mlfe up --config <generated>` runs the slow example (examples/slow/score.py: run() sleeps
 `--run-ms`, 50 ms) as a local service whose replicas run one request at a time
-(`replica_max_concurrent_requests: 1`, so WORKER_COUNT=1), autoscaled by azureml's rule
-(README, Scaling). An open-loop load generator on asyncio sockets (benchmarks.common.open_loop_load:
-requests start on a schedule, whether or not earlier ones were answered) offers:
+(`replica_max_concurrent_requests: 1`, so WORKER_COUNT=1), autoscaled by each policy in turn
+(`autoscale_policy`: `demand`, the default, then `azureml`; README, Scaling), each run in a
+fresh `mlfe up` with the same schedule. An open-loop load generator on asyncio sockets
+(benchmarks.common.open_loop_load: requests start on a schedule, whether or not earlier ones
+were answered) offers:
 
     idle (0 req/s) -> step to R, held -> drop to 0 (long enough for the scale-down window)
     -> square wave between R and R/5
@@ -19,7 +22,12 @@ queued) alongside the generator's own offered and served rates, 503s and the p99
 the trailing second. Reported: time from the step to the scale decision (desired rises) and to
 replicas serving (ready rises; the needed count ready), the 503 share, the time to scale down
 after the drop, and direction changes of the desired count under the square wave. A PNG plot of
-every series goes to benchmarks/results/autoscale-<timestamp>.png, the raw data to the JSON.
+every series goes to benchmarks/results/autoscale-<timestamp>.png (one column per policy), the
+raw data to the JSON.
+
+Scale to zero: a service with `autoscale_min_replicas: 0` is left idle until it has no replica
+(one scale-down window after its last request), then one request is sent: its status, its
+latency and the time it waited in the router's queue (the access log's `queueMs`) are reported.
 """
 
 from __future__ import annotations
@@ -28,15 +36,16 @@ import argparse
 import asyncio
 import datetime as dt
 import itertools
+import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -67,6 +76,7 @@ SCORE_PATH = f"/api/v1/service/{SERVICE}/score"
 KEY = "mlfeBenchKey_0123456789abcdefghijklmnopqrst"
 ADMIN_TOKEN = "mlfe-bench-admin-token-0123456789"
 SLOW_SCRIPT = REPO / "examples" / "slow" / "score.py"
+POLICIES = ("demand", "azureml")
 SAMPLE_S = 0.1
 P99_WINDOW_S = 1.0
 TARGET_UTILIZATION = 70  # azureml's default, percent
@@ -87,6 +97,8 @@ class Settings:
     square_low_fraction: float
     results_dir: Path
     quick: bool
+    policies: tuple[str, ...] = POLICIES
+    zero_window_s: float = 60.0
 
     @property
     def rate(self) -> float:
@@ -150,7 +162,9 @@ def log(msg: str) -> None:
 # --- running -------------------------------------------------------------------------------------
 
 
-def mlfe_config(tmp: Path, s: Settings, port: int, admin_port: int) -> dict[str, Any]:
+def mlfe_config(tmp: Path, s: Settings, port: int, admin_port: int, policy: str = "demand",
+                min_replicas: int = 1) -> dict[str, Any]:
+    window = s.scale_down_window_s if min_replicas else s.zero_window_s
     return {
         "router": {
             "listen": f"127.0.0.1:{port}",
@@ -164,11 +178,12 @@ def mlfe_config(tmp: Path, s: Settings, port: int, admin_port: int) -> dict[str,
                 "primary_key": KEY,
                 "replica_max_concurrent_requests": 1,
                 "max_request_wait_time": s.max_wait_ms,
-                "autoscale_min_replicas": 1,
+                "autoscale_policy": policy,
+                "autoscale_min_replicas": min_replicas,
                 "autoscale_max_replicas": s.max_replicas,
                 "autoscale_refresh_seconds": 1,
                 "autoscale_target_utilization": TARGET_UTILIZATION,
-                "autoscale_scale_down_window_seconds": s.scale_down_window_s,
+                "autoscale_scale_down_window_seconds": window,
             }
         },
     }
@@ -233,11 +248,14 @@ async def drive(
     return records, samples, scheduled, missed
 
 
-def run_benchmark(s: Settings, tmp: Path) -> tuple[list[LoadRecord], list[Sample], int, int]:
+def run_benchmark(s: Settings, tmp: Path, policy: str
+                  ) -> tuple[list[LoadRecord], list[Sample], int, int]:
+    tmp = tmp / policy
+    tmp.mkdir()
     with Processes(tmp) as procs:
         port, admin_port = free_port(), free_port()
         cfg_path = tmp / "autoscale.yaml"
-        cfg_path.write_text(yaml.safe_dump(mlfe_config(tmp, s, port, admin_port)))
+        cfg_path.write_text(yaml.safe_dump(mlfe_config(tmp, s, port, admin_port, policy)))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFE_ADMIN_TOKEN": ADMIN_TOKEN}
         router = procs.start("mlfe-up", [sys.executable, "-m", "deploy.cli", "up", "--config",
                                          str(cfg_path)], env=env)
@@ -257,7 +275,7 @@ def run_benchmark(s: Settings, tmp: Path) -> tuple[list[LoadRecord], list[Sample
                    and _stats(admin_port).get("replicas") == 1,
                    "the slow service back at 1 replica", [router],
                    s.scale_down_window_s + 30)
-        log(f"load: step to {s.rate:.1f} req/s (needs ~{s.replicas_needed} replicas at "
+        log(f"policy {policy}: step to {s.rate:.1f} req/s (needs ~{s.replicas_needed} replicas at "
             f"{TARGET_UTILIZATION} % target), schedule {describe_phases(build_phases(s))}")
         records, samples, scheduled, missed = asyncio.run(drive(s, port, admin_port, router))
         if not router.alive():
@@ -265,9 +283,68 @@ def run_benchmark(s: Settings, tmp: Path) -> tuple[list[LoadRecord], list[Sample
         return records, samples, scheduled, missed
 
 
-def _stats(admin_port: int) -> dict[str, Any]:
-    import json
+@dataclass
+class ZeroResult:
+    window_s: float
+    to_zero_s: float  # from the end of the last request to no replica
+    status: int  # of the first request after idle
+    latency_s: float
+    queue_ms: float | None  # the time it waited in the router's queue (access log)
+    refused: int  # 503s among the requests of the run
 
+
+def run_zero(s: Settings, tmp: Path) -> ZeroResult:
+    """Scale to zero and back: a warm-up request (from zero, as the service starts at 0), idle
+    until no replica is left, then one request after idle."""
+    tmp = tmp / "zero"
+    tmp.mkdir()
+    with Processes(tmp) as procs:
+        port, admin_port = free_port(), free_port()
+        cfg_path = tmp / "zero.yaml"
+        cfg = mlfe_config(tmp, s, port, admin_port, "demand", min_replicas=0)
+        cfg["services"][SERVICE]["autoscale_cold_start_seconds"] = 60
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFE_ADMIN_TOKEN": ADMIN_TOKEN}
+        router = procs.start("mlfe-up-zero", [sys.executable, "-m", "deploy.cli", "up",
+                                              "--config", str(cfg_path)], env=env)
+        wait_until(answers_200(port, "/-/ready"), "mlfe up: GET /-/ready", [router])
+        wait_until(lambda: _stats(admin_port).get("scaledToZero") is True,
+                   "the service at zero replicas", [router], 30)
+        statuses = []
+
+        def score(rid: str) -> tuple[int, float]:
+            t = time.monotonic()
+            reply = http_request(port, "POST", SCORE_PATH, body=b'{"data": [1]}', timeout_s=90,
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {KEY}",
+                                          "x-ms-client-request-id": rid})
+            status = reply.status if reply is not None else 0
+            statuses.append(status)
+            return status, time.monotonic() - t
+
+        log(f"scale to zero: a first request, then idle for the {s.zero_window_s:g} s window")
+        score("warm-up")
+        done = time.monotonic()
+        wait_until(lambda: _stats(admin_port).get("scaledToZero") is True,
+                   "the service back at zero replicas", [router], s.zero_window_s + 30)
+        to_zero = time.monotonic() - done
+        status, latency = score("after-idle")
+        found: list[float] = []
+
+        def logged() -> bool:  # the access log is written in batches, off the request path
+            for line in router.log_path.read_text(errors="replace").splitlines():
+                if '"after-idle"' in line and '"queueMs"' in line:
+                    found.append(float(json.loads(line[line.index("{"):])["queueMs"]))
+                    return True
+            return False
+
+        wait_until(logged, "the access log line of the request after idle", [router], 10)
+        queue_ms = found[0]
+        return ZeroResult(s.zero_window_s, to_zero, status, latency, queue_ms,
+                          statuses.count(503))
+
+
+def _stats(admin_port: int) -> dict[str, Any]:
     reply = http_request(admin_port, "GET", "/v1/stats",
                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     if reply is None or reply.status != 200:
@@ -461,6 +538,9 @@ def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Samp
     settled_ms = [r[1] * 1e3 for r in records
                   if r[2] == 200 and settled <= r[0] < step.end]
     total_refused = sum(1 for r in records if r[2] == 503)
+    # 503s of requests that arrived once the first added replica served: none is the aim.
+    late_refused = sum(1 for r in records if r[2] == 503 and first_ready is not None
+                       and step.start + first_ready <= r[0] < step.end)
     square_stats = next(p for p in stats if p.name == "square")
     metrics: list[tuple[str, float | None, str]] = [
         ("offered rate in the step", s.rate, "req/s"),
@@ -471,6 +551,7 @@ def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Samp
         ("503 share in the step", pct(step_stats.refused_share), "%"),
         ("last 503 of the step, after the step", step_refusals[-1] if step_refusals else 0.0,
          "s"),
+        ("503s in the step after the first added replica served", float(late_refused), "count"),
         ("p99 latency of 200s in the step", step_stats.p99_ms, "ms"),
         (f"p99 latency of 200s in the step, once {s.replicas_needed} replicas served",
          percentile(settled_ms, 99), "ms"),
@@ -493,22 +574,31 @@ def pct(x: float | None) -> float | None:
     return None if x is None else 100 * x
 
 
-def report(summary: Summary, s: Settings, machine: dict[str, Any], scheduled: int,
-           missed: int) -> str:
+def report(summaries: dict[str, Summary], s: Settings, machine: dict[str, Any],
+           scheduled: dict[str, int], missed: dict[str, int], zero: ZeroResult | None) -> str:
+    policies = list(summaries)
+    right: list[Literal["l", "r"]] = ["r"] * len(policies)
     rows = []
-    for name, value, unit in summary.metrics:
+    first = summaries[policies[0]]
+    for i, (name, _, unit) in enumerate(first.metrics):
         digits = 0 if unit in ("count", "replicas") or unit.startswith("up") else (
             2 if unit in ("s", "%") else 1)
-        rows.append([name, fmt_num(value, digits), unit])
+        values = [summaries[p].metrics[i][1] for p in policies]
+        ups = [summaries[p].metrics[i][2] for p in policies]
+        if unit.startswith("up"):  # "up (N down)": the down count differs per policy
+            rows.append([name, *(f"{fmt_num(v, 0)} {u}" for v, u in zip(values, ups,
+                                                                       strict=True)), ""])
+        else:
+            rows.append([name, *(fmt_num(v, digits) for v in values), unit])
     phase_rows = [
-        [p.name, f"{p.start:g}-{p.end:g}", fmt_num(p.offered_rps, 1), fmt_num(p.served_rps, 1),
-         str(p.requests), str(p.refused), fmt_num(pct(p.refused_share), 2), str(p.failed),
-         fmt_num(p.p50_ms, 1), fmt_num(p.p99_ms, 1),
-         f"{fmt_num(p.ready_min)}-{fmt_num(p.ready_max)}",
+        [policy, p.name, f"{p.start:g}-{p.end:g}", fmt_num(p.offered_rps, 1),
+         fmt_num(p.served_rps, 1), str(p.requests), str(p.refused),
+         fmt_num(pct(p.refused_share), 2), str(p.failed), fmt_num(p.p50_ms, 1),
+         fmt_num(p.p99_ms, 1), f"{fmt_num(p.ready_min)}-{fmt_num(p.ready_max)}",
          f"{fmt_num(p.desired_min)}-{fmt_num(p.desired_max)}"]
-        for p in summary.phases
+        for policy in policies for p in summaries[policy].phases
     ]
-    return "\n".join([
+    out = [
         f"Machine: {machine['cpu_model']}, {machine['nproc']} cores, Python {machine['python']}",
         f"Settings: run() {s.run_ms:g} ms, 1 request per replica at a time, "
         f"{TARGET_UTILIZATION} % target, min 1 / max {s.max_replicas} replicas, refresh 1 s, "
@@ -516,52 +606,73 @@ def report(summary: Summary, s: Settings, machine: dict[str, Any], scheduled: in
         f"{s.max_wait_ms} ms; open-loop load: step to {s.rate:.1f} req/s held {s.hold_s:g} s, "
         f"drop {s.drop_s:g} s, square wave {s.square_cycles} x {s.square_period_s:g} s between "
         f"{s.rate:.1f} and {s.rate * s.square_low_fraction:.1f} req/s; "
-        f"{scheduled} requests; /v1/stats every {SAMPLE_S * 1e3:g} ms ({missed} missed)",
+        + "; ".join(f"{p}: {scheduled[p]} requests, /v1/stats every {SAMPLE_S * 1e3:g} ms "
+                    f"({missed[p]} missed)" for p in policies),
         "",
-        markdown_table(["metric", "value", "unit"], rows, ["l", "r", "l"]),
+        markdown_table(["metric", *policies, "unit"], rows, ["l", *right, "l"]),
         "",
         markdown_table(
-            ["phase", "t (s)", "offered req/s", "served req/s", "requests", "503", "503 %",
-             "other errors", "p50 ms (200)", "p99 ms (200)", "ready", "desired"],
-            phase_rows, ["l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r"]),
-    ])
+            ["policy", "phase", "t (s)", "offered req/s", "served req/s", "requests", "503",
+             "503 %", "other errors", "p50 ms (200)", "p99 ms (200)", "ready", "desired"],
+            phase_rows, ["l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r"]),
+    ]
+    if zero is not None:
+        out += ["", "Scale to zero (autoscale_min_replicas: 0, demand policy):", "",
+                markdown_table(["metric", "value", "unit"], [
+                    ["scale-to-zero window (config)", fmt_num(zero.window_s, 0), "s"],
+                    ["last request -> no replica", fmt_num(zero.to_zero_s, 2), "s"],
+                    ["first request after idle: status", str(zero.status), ""],
+                    ["first request after idle: latency", fmt_num(zero.latency_s * 1e3, 0),
+                     "ms"],
+                    ["first request after idle: queueMs (access log)",
+                     fmt_num(zero.queue_ms, 0), "ms"],
+                    ["503s in the scale-to-zero run", str(zero.refused), "count"],
+                ], ["l", "r", "l"])]
+    return "\n".join(out)
 
 
-def plot(windows: Sequence[Window], phases: Sequence[Phase], s: Settings, path: Path) -> None:
+def plot(runs: Mapping[str, Sequence[Window]], phases: Sequence[Phase], s: Settings,
+         path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = [w.t for w in windows]
-    fig, axes = plt.subplots(3, 1, sharex=True, figsize=(12, 9))
-    ax = axes[0]
-    ax.plot(t, [w.offered for w in windows], label="offered req/s", lw=1.5, color="tab:gray")
-    ax.plot(t, [w.served for w in windows], label="served (200) req/s", lw=0.9,
-            color="tab:green")
-    ax.plot(t, [w.refused_rate for w in windows], label="503/s", lw=0.9, color="tab:red")
-    ax.set_ylabel(f"req/s (trailing {P99_WINDOW_S:g} s)")
-    ax.legend(loc="upper right", fontsize=8)
-    ax = axes[1]
-    for name, color, width, style in (("ready", "tab:green", 2.5, "-"),
-                                      ("desired", "tab:blue", 1.2, "--"),
-                                      ("current", "tab:purple", 1.0, ":")):
-        ax.step(t, [getattr(w, name) for w in windows], where="post", label=f"replicas {name}",
-                color=color, lw=width, ls=style)
-    ax.plot(t, [w.busy for w in windows], label="busy", lw=0.7, color="tab:orange")
-    ax.plot(t, [w.queued for w in windows], label="queued", lw=0.7, color="tab:red")
-    ax.set_ylabel("replicas / requests")
-    ax.legend(loc="upper right", fontsize=8)
-    ax = axes[2]
-    ax.plot(t, [w.p99_ms for w in windows], label=f"p99 latency (trailing {P99_WINDOW_S:g} s)",
-            lw=0.8, color="tab:brown")
-    ax.set_ylabel("ms")
-    ax.set_xlabel("seconds since the load started")
-    ax.legend(loc="upper right", fontsize=8)
-    for a in axes:
-        for p in phases[1:]:
-            a.axvline(p.start, color="k", lw=0.5, ls=":")
-    axes[0].set_title(
+    cols = len(runs)
+    fig, grid = plt.subplots(3, cols, sharex=True, sharey="row", figsize=(8 * cols, 9),
+                             squeeze=False)
+    for col, (policy, windows) in enumerate(runs.items()):
+        axes = grid[:, col]
+        t = [w.t for w in windows]
+        ax = axes[0]
+        ax.plot(t, [w.offered for w in windows], label="offered req/s", lw=1.5,
+                color="tab:gray")
+        ax.plot(t, [w.served for w in windows], label="served (200) req/s", lw=0.9,
+                color="tab:green")
+        ax.plot(t, [w.refused_rate for w in windows], label="503/s", lw=0.9, color="tab:red")
+        ax.set_ylabel(f"req/s (trailing {P99_WINDOW_S:g} s)")
+        ax.legend(loc="upper right", fontsize=8)
+        ax.set_title(f"autoscale_policy: {policy}")
+        ax = axes[1]
+        for name, color, width, style in (("ready", "tab:green", 2.5, "-"),
+                                          ("desired", "tab:blue", 1.2, "--"),
+                                          ("current", "tab:purple", 1.0, ":")):
+            ax.step(t, [getattr(w, name) for w in windows], where="post",
+                    label=f"replicas {name}", color=color, lw=width, ls=style)
+        ax.plot(t, [w.busy for w in windows], label="busy", lw=0.7, color="tab:orange")
+        ax.plot(t, [w.queued for w in windows], label="queued", lw=0.7, color="tab:red")
+        ax.set_ylabel("replicas / requests")
+        ax.legend(loc="upper right", fontsize=8)
+        ax = axes[2]
+        ax.plot(t, [w.p99_ms for w in windows],
+                label=f"p99 latency (trailing {P99_WINDOW_S:g} s)", lw=0.8, color="tab:brown")
+        ax.set_ylabel("ms")
+        ax.set_xlabel("seconds since the load started")
+        ax.legend(loc="upper right", fontsize=8)
+        for a in axes:
+            for p in phases[1:]:
+                a.axvline(p.start, color="k", lw=0.5, ls=":")
+    fig.suptitle(
         f"mlfe autoscaling: run() {s.run_ms:g} ms, cap 1/replica, step to {s.rate:.0f} req/s, "
         f"scale-down window {s.scale_down_window_s:g} s")
     fig.tight_layout()
@@ -595,22 +706,32 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--square-cycles", type=int, default=4, help="square wave periods (4)")
     p.add_argument("--square-low", type=float, default=0.2,
                    help="the wave's low level as a fraction of the step's rate (default 0.2)")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="autoscale_policy values to run, in order (default demand,azureml)")
+    p.add_argument("--zero-window", type=float, default=60,
+                   help="the scale-to-zero run's scale-down window in s (default 60); "
+                        "0 skips that run")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--quick", action="store_true",
-                   help="smoke test (~25 s): 3 replicas needed (max 4), 4 s step, 2 s "
-                        "scale-down window, 2 short square-wave periods")
+                   help="smoke test (~70 s): each policy with 3 replicas needed (max 4), "
+                        "4 s step, 2 s scale-down window, 2 short square-wave periods; "
+                        "scale to zero with a 2 s window")
     a = p.parse_args(argv)
+    policies = tuple(x.strip() for x in a.policies.split(",") if x.strip())
+    if not policies or set(policies) - set(POLICIES):
+        p.error(f"--policies: a comma-separated list of {', '.join(POLICIES)}")
     if a.quick:
         return Settings(replicas_needed=3, run_ms=a.run_ms, max_replicas=4,
                         max_wait_ms=a.max_wait_ms, idle_s=1, hold_s=4, scale_down_window_s=2,
                         drop_s=5, square_period_s=3, square_cycles=2,
-                        square_low_fraction=a.square_low, results_dir=a.results_dir, quick=True)
+                        square_low_fraction=a.square_low, results_dir=a.results_dir, quick=True,
+                        policies=policies, zero_window_s=2)
     if min(a.replicas_needed, a.max_replicas, a.square_cycles) < 1 or a.run_ms <= 0:
         p.error("--replicas-needed, --max-replicas, --square-cycles and --run-ms must be > 0")
     drop = a.drop if a.drop is not None else a.scale_down_window + 20
     return Settings(a.replicas_needed, a.run_ms, a.max_replicas, a.max_wait_ms, a.idle, a.hold,
                     a.scale_down_window, drop, a.square_period, a.square_cycles, a.square_low,
-                    a.results_dir, False)
+                    a.results_dir, False, policies, a.zero_window)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -618,9 +739,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupt_on_signals()
     started = dt.datetime.now(dt.UTC)
     machine = machine_info()
+    runs: dict[str, tuple[list[LoadRecord], list[Sample], int, int]] = {}
+    zero: ZeroResult | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="mlfe-bench-autoscale-") as tmp_name:
-            records, samples, scheduled, missed = run_benchmark(s, Path(tmp_name))
+            for policy in s.policies:
+                runs[policy] = run_benchmark(s, Path(tmp_name), policy)
+            if s.zero_window_s > 0:
+                zero = run_zero(s, Path(tmp_name))
     except BenchmarkError as e:
         print(f"benchmarks.autoscale: {e}", file=sys.stderr)
         return 1
@@ -628,13 +754,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("benchmarks.autoscale: interrupted; every started process was stopped",
               file=sys.stderr)
         return 130
-    if not samples:
-        print("benchmarks.autoscale: no /v1/stats sample was read", file=sys.stderr)
+    empty = [p for p, run in runs.items() if not run[1]]
+    if empty:
+        print(f"benchmarks.autoscale: no /v1/stats sample was read ({', '.join(empty)})",
+              file=sys.stderr)
         return 1
     phases = build_phases(s)
-    summary = summarise(s, records, samples)
-    print(report(summary, s, machine, scheduled, missed), flush=True)
-    windows = series(records, samples, phases[-1].end)
+    summaries = {p: summarise(s, run[0], run[1]) for p, run in runs.items()}
+    print(report(summaries, s, machine, {p: r[2] for p, r in runs.items()},
+                 {p: r[3] for p, r in runs.items()}, zero), flush=True)
+    windows = {p: series(run[0], run[1], phases[-1].end) for p, run in runs.items()}
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     png = s.results_dir / f"autoscale-{stamp}.png"
     plot(windows, phases, s, png)
@@ -642,18 +771,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(out, {
         **run_record("autoscale", started, argv, s.to_json()),
         "machine": machine,
-        "mlfe_config": mlfe_config(Path("<tmp>"), s, 0, 0),
+        "mlfe_config": {p: mlfe_config(Path("<tmp>"), s, 0, 0, p) for p in runs},
         "phases": [{"name": p.name, "start": p.start, "end": p.end} for p in phases],
-        "metrics": [{"name": n, "value": v, "unit": u} for n, v, u in summary.metrics],
-        "phase_stats": [{**p.__dict__, "refused_share": p.refused_share}
-                        for p in summary.phases],
-        "series": [w.__dict__ for w in windows],
-        "samples": [{"t": round(t, 3), **st} for t, st in samples],
-        "records": {"fields": ["scheduled_s", "latency_s", "status", "retry_after"],
-                    "rows": [[round(a, 4), round(b, 5), c, d] for a, b, c, d in records]},
+        "runs": {policy: {
+            "metrics": [{"name": n, "value": v, "unit": u}
+                        for n, v, u in summaries[policy].metrics],
+            "phase_stats": [{**p.__dict__, "refused_share": p.refused_share}
+                            for p in summaries[policy].phases],
+            "series": [w.__dict__ for w in windows[policy]],
+            "samples": [{"t": round(t, 3), **st} for t, st in run[1]],
+            "records": {"fields": ["scheduled_s", "latency_s", "status", "retry_after"],
+                        "rows": [[round(a, 4), round(b, 5), c, d] for a, b, c, d in run[0]]},
+        } for policy, run in runs.items()},
+        "scale_to_zero": zero.__dict__ if zero is not None else None,
     })
     print(f"\nRaw data: {shown_path(out)}\nPlot: {shown_path(png)}")
-    return 0
+    return 0 if zero is None or zero.status == 200 else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
 """The local target: each replica of an `entry_script` service is an `mlfe score-server` child.
 
-A replica joins the router's pool only once `GET /` answers; it is probed with the service's
-liveness settings and replaced when it dies or fails `failure_threshold` probes in a row; it is
-removed by taking it out of rotation, letting its in-flight requests finish, then stopping it.
+Replicas are probed as Kubernetes probes a pod: liveness (`GET /`) begins
+`initial_delay_seconds` after the start and runs every `period_seconds` with `timeout_seconds`;
+a replica is replaced only when it dies or fails `failure_threshold` liveness probes in a row, so
+one still starting is never killed before then. It joins the router's pool (is ready) after
+`success_threshold` readiness probes in a row, probed often while it starts so a fast replica
+serves at once. At most `start_slots()` replicas (one per core this process may use) start at
+once, so a scale-up does not starve itself of CPU; the rest wait their turn, not counted ready.
+A replica that fails is restarted with an exponential backoff, shown by `start_status()` (the
+status line and `GET /v1/stats`). A replica is removed by taking it out of rotation, letting its
+in-flight requests finish, then stopping it.
 Children live in their own session (a terminal's Ctrl-C reaches mlfe, which drains them in
 order) and get SIGTERM from the kernel if mlfe itself dies, so no replica outlives mlfe.
 
@@ -24,7 +31,9 @@ import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
+from deploy.cgroup import available_cores
 from mlfe.config import ServiceConfig
 from mlfe.supervise import Supervisor
 from router.admission import Replica
@@ -116,6 +125,18 @@ class LocalReplica:
     replica: Replica | None = None
     task: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    port_found: asyncio.Future[int] | None = None
+
+
+def _scaled_away(rep: LocalReplica) -> bool:
+    return rep.state is not State.STARTING
+
+
+def start_slots() -> int:
+    """Replicas that may start at once: one per core this process may use. Starting a replica
+    (an interpreter, the model's imports and init) is CPU-bound; more at once only slows each,
+    and the router serving the load that asked for them."""
+    return max(1, available_cores())
 
 
 class LocalTarget:
@@ -128,6 +149,8 @@ class LocalTarget:
         self._replicas: dict[str, list[LocalReplica]] = {}
         self._desired: dict[str, int] = {}
         self._failures: dict[str, int] = {}
+        self._retry_at: dict[str, float] = {}  # loop time of the next restart after a failure
+        self._starts = asyncio.Semaphore(start_slots())
         self._closing = False
 
     # ---- configuration ---------------------------------------------------------------------
@@ -181,6 +204,18 @@ class LocalTarget:
     def replicas(self, service: str) -> list[LocalReplica]:
         return list(self._replicas.get(service, []))
 
+    def start_status(self, service: str) -> dict[str, int | float]:
+        """Replicas starting, failures in a row and the backoff before the next restart."""
+        starting = sum(1 for r in self._replicas.get(service, []) if r.state is State.STARTING)
+        out: dict[str, int | float] = {"starting": starting,
+                                       "startFailures": self._failures.get(service, 0)}
+        retry_at = self._retry_at.get(service)
+        if retry_at is not None:
+            left = retry_at - asyncio.get_running_loop().time()
+            if left > 0:
+                out["retryInSeconds"] = round(left, 1)
+        return out
+
     # ---- reconciliation ---------------------------------------------------------------------
 
     def _alive(self, service: str) -> list[LocalReplica]:
@@ -213,25 +248,35 @@ class LocalTarget:
 
     async def _run(self, rep: LocalReplica) -> None:
         cfg = self._configs[rep.service]
+        loop = asyncio.get_running_loop()
+        live: asyncio.Task[None] | None = None
         try:
             delay = self._restart_delay(rep.service)
             if delay:
+                self._retry_at[rep.service] = loop.time() + delay
                 await asyncio.sleep(delay)
-            await self._spawn(rep, cfg)
-            if not await self._wait_ready(rep, cfg):
-                raise RuntimeError("did not become healthy")
-            if rep.state is not State.STARTING:
-                return  # scaled away while starting
+            async with self._starts:
+                if _scaled_away(rep):
+                    return  # while waiting for its turn
+                await self._spawn(rep, cfg)
+                live = asyncio.ensure_future(self._liveness(rep, cfg, loop.time()))
+                await self._until_ready(rep, cfg, live)
+            if _scaled_away(rep):
+                return  # while starting
             svc = self._services[rep.service]
             rep.replica = svc.add_replica(f"127.0.0.1:{rep.port}")
             rep.state = State.READY
             self._failures[rep.service] = 0
+            self._retry_at.pop(rep.service, None)
             log.info("service %s: replica on port %d is ready", rep.service, rep.port)
-            await self._watch(rep, cfg)
+            await live
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.warning("service %s: replica on port %d failed: %s", rep.service, rep.port, e)
+        finally:
+            if live is not None:
+                live.cancel()
         if rep.state in (State.STARTING, State.READY):
             self._failures[rep.service] = self._failures.get(rep.service, 0) + 1
             rep.state = State.DEAD
@@ -257,20 +302,12 @@ class LocalTarget:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
-        port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        rep.port_found = asyncio.get_running_loop().create_future()
         if fixed_port is not None:
-            port_found.set_result(fixed_port)
+            rep.port_found.set_result(fixed_port)
+            rep.port = fixed_port
         rep.tasks.append(self._supervisor.spawn(
-            self._pump(rep, port_found), name=f"output {rep.service}", finishable=True))
-        waiter = asyncio.ensure_future(rep.proc.wait())
-        done, _ = await asyncio.wait(
-            {port_found, waiter}, timeout=cfg.initial_delay_seconds,
-            return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if port_found not in done:
-            raise RuntimeError("exited before listening" if rep.proc.returncode is not None
-                               else "did not start listening in time")
-        rep.port = port_found.result()
+            self._pump(rep, rep.port_found), name=f"output {rep.service}", finishable=True))
 
     async def _pump(self, rep: LocalReplica, port_found: asyncio.Future[int]) -> None:
         """Relay the replica's output to our log (and keep its pipe from filling up)."""
@@ -281,37 +318,49 @@ class LocalTarget:
                 m = _LISTENING.search(line)
                 if m:
                     port_found.set_result(int(m.group(1)))
+                    rep.port = int(m.group(1))
             child_log.info("%s", line.rstrip().decode(errors="replace"))
 
-    async def _wait_ready(self, rep: LocalReplica, cfg: ServiceConfig) -> bool:
-        """Probe until healthy: up to initial_delay + failure_threshold periods, as Kubernetes
-        would allow before giving up (but probing often, so a fast replica serves at once)."""
+    async def _until_ready(self, rep: LocalReplica, cfg: ServiceConfig,
+                           live: asyncio.Task[None]) -> None:
+        """Readiness: `success_threshold` probes in a row, every STARTUP_PROBE_S once the
+        replica listens. Raises when liveness gives up (or the process exits) first."""
+        assert rep.port_found is not None
+        successes = 0
+        while True:
+            if live.done():
+                live.result()  # raises why the replica is not alive
+                raise RuntimeError("exited before it was ready")
+            if rep.port_found.done():
+                ok = await probe_http("127.0.0.1", rep.port, timeout_s=cfg.timeout_seconds)
+                successes = successes + 1 if ok else 0
+                if successes >= cfg.success_threshold:
+                    return
+                await asyncio.wait({live}, timeout=STARTUP_PROBE_S)
+            else:
+                either: set[asyncio.Future[Any]] = {live, rep.port_found}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _liveness(self, rep: LocalReplica, cfg: ServiceConfig, started: float) -> None:
+        """Kubernetes' liveness probe: from `initial_delay_seconds` after the start, every
+        `period_seconds`; returns (raising why) when the process exits or `failure_threshold`
+        probes in a row failed. A replica not listening yet fails its probes."""
         assert rep.proc is not None
         loop = asyncio.get_running_loop()
-        allowed = cfg.initial_delay_seconds + cfg.failure_threshold * cfg.period_seconds
-        deadline = loop.time() + allowed
-        while loop.time() < deadline and rep.proc.returncode is None:
-            if await probe_http("127.0.0.1", rep.port, timeout_s=cfg.timeout_seconds):
-                return True
-            await asyncio.sleep(STARTUP_PROBE_S)
-        return False
-
-    async def _watch(self, rep: LocalReplica, cfg: ServiceConfig) -> None:
-        """Liveness: returns when the process died or failed `failure_threshold` probes."""
-        assert rep.proc is not None
         failures = 0
+        next_probe = started + cfg.initial_delay_seconds
         exited = asyncio.ensure_future(rep.proc.wait())
         try:
-            while rep.state is State.READY:
-                done, _ = await asyncio.wait({exited}, timeout=cfg.period_seconds)
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=max(0.0, next_probe - loop.time()))
                 if done:
                     raise RuntimeError(f"exited with {rep.proc.returncode}")
-                if await probe_http("127.0.0.1", rep.port, timeout_s=cfg.timeout_seconds):
-                    failures = 0
-                else:
-                    failures += 1
-                    if failures >= cfg.failure_threshold:
-                        raise RuntimeError(f"failed {failures} liveness probes")
+                next_probe += cfg.period_seconds
+                ok = rep.port != 0 and await probe_http(
+                    "127.0.0.1", rep.port, timeout_s=cfg.timeout_seconds)
+                failures = 0 if ok else failures + 1
+                if failures >= cfg.failure_threshold:
+                    raise RuntimeError(f"failed {failures} liveness probes in a row")
         finally:
             exited.cancel()
 

@@ -174,12 +174,22 @@ class Runtime:
         if self.cluster is not None and self.cluster.autoscaler is not None and (
                 self.cfg.services[name].kubernetes is not None):
             loop = self.cluster.autoscaler
+        out: dict[str, Any] = {}
+        cfg = self.cfg.services.get(name)
+        if cfg is not None and is_local(cfg):
+            out.update(self.target.start_status(name))
         st = loop.status().get(name)
         if st is None:
-            return {}
+            return out
         util = st.utilization
-        return {"desired": st.desired, "current": st.current,
-                "decidedUtilization": util if util != float("inf") else None}
+        out.update({"desired": st.desired, "current": st.current,
+                    "decidedUtilization": util if util != float("inf") else None,
+                    "scaledToZero": st.current == 0 and st.replicas == 0})
+        if st.rate is not None:
+            out["arrivalRate"] = round(st.rate, 3)
+        if st.service_time is not None:
+            out["serviceTimeMs"] = round(st.service_time * 1000, 3)
+        return out
 
     def _state_changed(self) -> None:
         """Another router pod changed the shared state (now in the state dir): take it."""

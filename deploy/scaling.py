@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoscaler.decider import ScalingSpec
+from autoscaler.decider import Policy, ScalingSpec
 from mlfe.config import ServiceConfig
 
 
@@ -16,4 +16,5 @@ def scaling_spec(cfg: ServiceConfig) -> ScalingSpec:
         scale_down_window_s=cfg.autoscale_scale_down_window_seconds,
         autoscale_enabled=cfg.autoscaling,
         num_replicas=cfg.num_replicas,
+        policy=Policy(cfg.autoscale_policy),
     )

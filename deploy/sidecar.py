@@ -93,7 +93,8 @@ NOT_APPLICABLE: dict[str, str] = {
     "num_replicas": _SCALING, "autoscale_enabled": _SCALING,
     "autoscale_min_replicas": _SCALING, "autoscale_max_replicas": _SCALING,
     "autoscale_refresh_seconds": _SCALING, "autoscale_target_utilization": _SCALING,
-    "autoscale_scale_down_window_seconds": _SCALING,
+    "autoscale_scale_down_window_seconds": _SCALING, "autoscale_policy": _SCALING,
+    "autoscale_cold_start_seconds": _SCALING,
     "cpu_cores": _RESOURCES, "memory_gb": _RESOURCES, "gpu_cores": _RESOURCES,
     "cpu_cores_limit": _RESOURCES, "memory_gb_limit": _RESOURCES,
     "namespace": "the sidecar runs in its pod's namespace (this is where `mlfe render` puts a "

@@ -33,10 +33,15 @@ def status_line(router: Router, rates: dict[str, float]) -> str:
     parts = []
     for name, st in router.stats().items():
         desired = st.get("desired", st["replicas"])
-        parts.append(
-            f"{name}: {st['replicas']}/{desired} replicas, {st['busy']} in flight, "
-            f"{st['queued']} queued, {rates.get(name, 0.0):.1f} req/s"
-        )
+        part = (f"{name}: {st['replicas']}/{desired} replicas, {st['busy']} in flight, "
+                f"{st['queued']} queued, {rates.get(name, 0.0):.1f} req/s")
+        if st.get("scaledToZero"):
+            part += " (scaled to zero)"
+        if st.get("startFailures"):
+            retry = st.get("retryInSeconds")
+            part += f", {st['startFailures']} failed starts" + (
+                f", next try in {retry:.0f} s" if retry is not None else "")
+        parts.append(part)
     return " | ".join(parts)
 
 

@@ -218,6 +218,8 @@ _SCALING_KEYS = (
     "autoscale_refresh_seconds",
     "autoscale_target_utilization",
     "autoscale_scale_down_window_seconds",
+    "autoscale_policy",
+    "autoscale_cold_start_seconds",
 )
 
 
@@ -264,12 +266,18 @@ class ServiceConfig(AuthSettings):
     max_queue_length: PositiveInt = 1024
 
     autoscale_enabled: bool | None = None  # default: on unless num_replicas is given
-    autoscale_min_replicas: PositiveInt = 1
+    # 0: scale to zero when idle for a scale-down window; the next request starts a replica.
+    autoscale_min_replicas: Annotated[int, Field(ge=0)] = 1
     autoscale_max_replicas: PositiveInt = 10
     autoscale_refresh_seconds: PositiveFloat = 1.0
     autoscale_target_utilization: Annotated[int, Field(gt=0, le=100)] = 70
     # Scale down only to the highest replica count wanted over this window (azureml: ~1 min).
     autoscale_scale_down_window_seconds: PositiveFloat = 60.0
+    # demand: arrival rate x service time (Little's law); azureml: azureml-fe's utilization rule.
+    autoscale_policy: Literal["demand", "azureml"] = "demand"
+    # With autoscale_min_replicas 0: how long a request may wait for the first replica to start
+    # (then max_request_wait_time more for a free slot).
+    autoscale_cold_start_seconds: PositiveFloat = 60.0
     num_replicas: PositiveInt | None = None
     environment_variables: dict[str, str] = Field(default_factory=dict)
     # A request body that `mlfe up` shows in its ready-to-paste curl line.

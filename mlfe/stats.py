@@ -23,6 +23,10 @@ class ServiceStats:
     slots: int = 0  # replica slots this router instance may use now (all, unless coordinated)
     completed: int = 0  # requests finished, any outcome (cumulative: rates come from deltas)
     members: int = 0  # replicas known to the router, in rotation or not
+    # Cumulative, for rates from deltas on the reader's clock (the demand autoscaling policy):
+    arrivals: int = 0  # requests that reached admission: served, in flight, queued or refused
+    served: int = 0  # requests that were sent to a replica and are over
+    service_seconds: float = 0.0  # their time at the replica (upstream), summed
 
     def __post_init__(self) -> None:
         if self.busy < 0 or self.queued < 0 or self.replicas < 0:
@@ -43,6 +47,9 @@ class ServiceStats:
             "utilization": self.utilization,
             "completed": self.completed,
             "slots": self.slots,
+            "arrivals": self.arrivals,
+            "served": self.served,
+            "serviceSeconds": self.service_seconds,
         }
 
 

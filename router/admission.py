@@ -6,7 +6,9 @@ act on what comes back. The rules are azureml's: a replica never has more than
 first in first out, for at most `max_request_wait_time`; a freed slot goes straight to the
 oldest waiter, with no polling (a freed slot that waits for a timer is capacity thrown away).
 A request that finds no replica in rotation at all waits the same way: for a replica to join or
-come back, up to `max_request_wait_time` (then "No ready replicas").
+come back, up to `max_request_wait_time` (then "No ready replicas"); for a service that may be
+scaled to zero, `cold_start_s` (autoscale_cold_start_seconds) longer, for its first replica to
+start.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class ServicePool:
     # With several routers the slot broker hands out each replica's slots: a new replica
     # starts with none here until it grants some (router/coordination.py).
     coordinated: bool = False
+    # A service that may be scaled to zero: with no ready replica a request waits this long
+    # more (for one to start) instead of being refused.
+    cold_start_s: float = 0.0
     replicas: list[Replica] = field(default_factory=list)
     _waiters: deque[Waiter] = field(default_factory=deque)
     queued: int = 0  # live (not cancelled) waiters
@@ -135,9 +140,12 @@ class ServicePool:
             if replica is not None:
                 self._take(replica)
                 return replica
+        wait_s = self.max_wait_s
+        if self.cold_start_s and not any(r.in_rotation for r in self.replicas):
+            wait_s += self.cold_start_s  # a service at zero: its first replica has to start
         if self.queued >= self.max_queue:
             return Rejection.QUEUE_FULL
-        waiter = Waiter(now + self.max_wait_s, grant, expire, now)
+        waiter = Waiter(now + wait_s, grant, expire, now)
         self._waiters.append(waiter)
         self.queued += 1
         return waiter

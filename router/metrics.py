@@ -195,6 +195,9 @@ class RouterCollector(Collector):
         utilization = GaugeMetricFamily(
             "mlfe_utilization", "(busy + queued) / (ready replicas x per-replica cap).",
             labels=["service"])
+        zero = GaugeMetricFamily(
+            "mlfe_scaled_to_zero", "1 while the service idles with no replica (min 0).",
+            labels=["service"])
         for name in names:
             st = self._stats.counts(name)
             in_flight.add_metric([name], st.busy)
@@ -203,9 +206,12 @@ class RouterCollector(Collector):
             scaling = self._scaling(name)
             replicas.add_metric([name, "current"], scaling.get("current", st.members))
             replicas.add_metric([name, "desired"], scaling.get("desired", st.members))
+            if "starting" in scaling:
+                replicas.add_metric([name, "starting"], scaling["starting"])
+            zero.add_metric([name], 1 if scaling.get("scaledToZero") else 0)
             if st.utilization is not None:
                 utilization.add_metric([name], st.utilization)
-        yield from (in_flight, queued, replicas, utilization)
+        yield from (in_flight, queued, replicas, utilization, zero)
         yield from self._extra()
 
 

@@ -195,6 +195,9 @@ class Router:
         if self._workers is not None:
             totals = self._workers.totals(service)
             busy, queued = totals["busy"], totals["queued"]
+        m = self.service_metrics(service)
+        # Every admitted request is sent to a replica (then counted in `upstream` when over),
+        # refused (`rejected`), or still busy or queued: their sum counts arrivals.
         return ServiceStats(
             busy=busy,
             queued=queued,
@@ -203,6 +206,9 @@ class Router:
             slots=sum(r.cap for r in pool.replicas if r.in_rotation),
             completed=svc.completed,
             members=len(pool.replicas),
+            arrivals=m.upstream.count + sum(m.rejected.values()) + busy + queued,
+            served=m.upstream.count,
+            service_seconds=m.upstream.sum,
         )
 
     def service_metrics(self, service: str) -> ServiceMetrics:

@@ -56,6 +56,14 @@ class ServiceLinks:
     coordinated: bool = False  # replica slots are lent by a slot broker
 
 
+def cold_start_s(cfg: ServiceConfig) -> float:
+    """How long a request may wait for a replica to start: only a service that may scale to
+    zero waits for one (autoscale_cold_start_seconds); otherwise no replica is a 503."""
+    if cfg.autoscaling and cfg.autoscale_min_replicas == 0:
+        return cfg.autoscale_cold_start_seconds
+    return 0.0
+
+
 class Service:
     def __init__(self, name: str, cfg: ServiceConfig, auth: Credentials, links: ServiceLinks
                  ) -> None:
@@ -67,6 +75,7 @@ class Service:
             max_wait_s=cfg.max_request_wait_time / 1000,
             max_queue=cfg.max_queue_length,
             coordinated=links.coordinated,
+            cold_start_s=cold_start_s(cfg),
         )
         self._links = links
         self.draining: set[Replica] = set()  # removed, with requests still in flight
@@ -81,6 +90,7 @@ class Service:
 
     def reconfigure(self, cfg: ServiceConfig, auth: Credentials) -> None:
         self.cfg = cfg
+        self.pool.cold_start_s = cold_start_s(cfg)
         self.auth = auth
         self.timeout_s = cfg.scoring_timeout_ms / 1000
         grant_all(

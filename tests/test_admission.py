@@ -121,6 +121,23 @@ def test_no_replica_at_all_waits_for_one_to_join() -> None:
     assert [w.expire() for w in p.expire(0.5)] == [None] and rec.expired == ["y"]
 
 
+def test_a_service_at_zero_waits_a_cold_start_longer() -> None:
+    """cold_start_s (a service that may be scaled to zero): with no replica in rotation a
+    request may wait for the first one to start, then max_request_wait_time; once a replica
+    serves, the wait is max_request_wait_time again."""
+    p, rec = pool(replicas=0, wait_s=0.5), Recorder()
+    p.cold_start_s = 30.0
+    cold = admit(p, rec, "cold", 0.0)
+    assert isinstance(cold, Waiter) and cold.deadline == 30.5
+    assert p.expire(30.4) == []
+    _, handoffs = p.add("r0")
+    for waiter, replica in handoffs:
+        waiter.grant(replica)
+    assert rec.granted == [("cold", "r0")]
+    warm = admit(p, rec, "warm", 31.0)
+    assert isinstance(warm, Waiter) and warm.deadline == 31.5
+
+
 def test_down_replica_gets_nothing_and_coming_back_serves_waiters() -> None:
     p, rec = pool(cap=1, replicas=2), Recorder()
     r0, r1 = p.replicas

@@ -12,6 +12,7 @@ import pytest
 from autoscaler.decider import (
     Counts,
     Decision,
+    Policy,
     Reason,
     Recommendation,
     ScaleDownWindow,
@@ -21,8 +22,10 @@ from autoscaler.decider import (
     utilization,
 )
 
-DEFAULT = ScalingSpec()  # min 1, max 10, target 70 %, 1 request per replica, 60 s window
-WIDE = ScalingSpec(min_replicas=1, max_replicas=100)
+AZUREML = Policy.AZUREML  # the tests of azureml-fe's rule
+# min 1, max 10, target 70 %, 1 request per replica, 60 s window
+DEFAULT = ScalingSpec(policy=AZUREML)
+WIDE = ScalingSpec(policy=AZUREML, min_replicas=1, max_replicas=100)
 
 
 def load(busy: int, queued: int = 0, replicas: int = 1) -> Counts:
@@ -66,22 +69,22 @@ def first_change(ticks: Iterator[Tick], after: float) -> Tick:
     ("spec", "counts", "expected"),
     [
         pytest.param(DEFAULT, load(0), 1, id="idle-is-min"),
-        pytest.param(ScalingSpec(min_replicas=0), load(0), 0, id="idle-min-zero"),
+        pytest.param(ScalingSpec(policy=AZUREML, min_replicas=0), load(0), 0, id="idle-min-zero"),
         pytest.param(WIDE, load(7), 10, id="7-busy-at-70pct-is-10"),
         pytest.param(WIDE, load(8), 12, id="8-busy-at-70pct-is-12"),
         pytest.param(WIDE, load(21), 30, id="21-busy-at-70pct-is-30-not-31"),
         pytest.param(WIDE, load(42), 60, id="42-busy-at-70pct-is-60-not-61"),
         pytest.param(WIDE, load(3, queued=4), 10, id="queued-counts-as-demand"),
         pytest.param(
-            ScalingSpec(replica_max_concurrent_requests=4),
+            ScalingSpec(policy=AZUREML, replica_max_concurrent_requests=4),
             load(7, replicas=2),
             3,
             id="concurrency-4",
         ),
-        pytest.param(ScalingSpec(target_utilization=100), load(5, replicas=5), 5, id="target-100"),
-        pytest.param(ScalingSpec(target_utilization=50), load(5, replicas=5), 10, id="target-50"),
+        pytest.param(ScalingSpec(policy=AZUREML, target_utilization=100), load(5, replicas=5), 5, id="target-100"),
+        pytest.param(ScalingSpec(policy=AZUREML, target_utilization=50), load(5, replicas=5), 10, id="target-50"),
         pytest.param(DEFAULT, load(100), 10, id="clamped-to-max"),
-        pytest.param(ScalingSpec(min_replicas=3), load(1), 3, id="clamped-to-min"),
+        pytest.param(ScalingSpec(policy=AZUREML, min_replicas=3), load(1), 3, id="clamped-to-min"),
         pytest.param(WIDE, load(0, queued=5, replicas=0), 8, id="no-replicas-with-queue"),
         pytest.param(WIDE, load(1, replicas=0), 2, id="no-replicas-one-request"),
     ],
@@ -102,7 +105,7 @@ def test_float_division_would_round_wrongly() -> None:
         pytest.param(DEFAULT, load(7, replicas=10), 0.7, id="70pct"),
         pytest.param(DEFAULT, load(3, queued=3, replicas=4), 1.5, id="queue-pushes-over-100pct"),
         pytest.param(
-            ScalingSpec(replica_max_concurrent_requests=2), load(1, replicas=2), 0.25, id="conc-2"
+            ScalingSpec(policy=AZUREML, replica_max_concurrent_requests=2), load(1, replicas=2), 0.25, id="conc-2"
         ),
         pytest.param(DEFAULT, load(0, replicas=0), 0.0, id="nothing-at-all"),
         pytest.param(DEFAULT, load(0, queued=2, replicas=0), math.inf, id="demand-no-capacity"),
@@ -207,7 +210,7 @@ def test_does_not_scale_up_to_a_stale_recommendation() -> None:
     ids=["no-window", "10s", "60s", "300s"],
 )
 def test_window_length_is_a_setting(window_s: float, scaled_down_at: int) -> None:
-    spec = ScalingSpec(max_replicas=100, scale_down_window_s=window_s)
+    spec = ScalingSpec(policy=AZUREML, max_replicas=100, scale_down_window_s=window_s)
     change = first_change(simulate(spec, lambda t: 14 if t < 30 else 2, until=400), after=1)
     assert (change.at, change.decision.desired) == (scaled_down_at, 3)
 
@@ -219,7 +222,8 @@ def test_window_keeps_only_what_is_still_in_effect() -> None:
     # At 65 the window starts at 5: 9 (superseded at 10) was still in effect then.
     assert [r.desired for r in window.recent] == [9, 5, 7, 2]
     window = window.record(Recommendation(70, 2), window_s=60)
-    assert [r.desired for r in window.recent] == [5, 7, 2, 2]
+    # The same count again is not a new entry (the 2 of 65 stays in effect): one per change.
+    assert [(r.at, r.desired) for r in window.recent] == [(10, 5), (20, 7), (65, 2)]
     assert window.highest() == 7
 
 
@@ -251,14 +255,14 @@ def test_decide_is_pure() -> None:
 def test_lowered_max_applies_at_once_despite_the_window() -> None:
     window = ScaleDownWindow((Recommendation(0.0, 10),))
     decision, _ = decide(
-        ScalingSpec(max_replicas=4), load(7, replicas=10), current=10, window=window, now=1.0
+        ScalingSpec(policy=AZUREML, max_replicas=4), load(7, replicas=10), current=10, window=window, now=1.0
     )
     assert (decision.desired, decision.reason) == (4, Reason.SCALE_DOWN)
 
 
 def test_raised_min_applies_at_once() -> None:
     decision, _ = decide(
-        ScalingSpec(min_replicas=3),
+        ScalingSpec(policy=AZUREML, min_replicas=3),
         load(0, replicas=1),
         current=1,
         window=ScaleDownWindow(),
@@ -273,7 +277,7 @@ def test_raised_min_applies_at_once() -> None:
     ids=["idle", "overloaded", "from-zero", "idle-from-zero"],
 )
 def test_autoscale_off_is_num_replicas(busy: int, current: int) -> None:
-    spec = ScalingSpec(autoscale_enabled=False, num_replicas=4)
+    spec = ScalingSpec(policy=AZUREML, autoscale_enabled=False, num_replicas=4)
     old = ScaleDownWindow((Recommendation(0.0, 10),))
     decision, window = decide(
         spec, load(busy, replicas=current), current=current, window=old, now=5.0
@@ -299,7 +303,7 @@ def test_autoscale_off_is_num_replicas(busy: int, current: int) -> None:
 )
 def test_spec_refuses_nonsense(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        ScalingSpec(**kwargs)
+        ScalingSpec(policy=AZUREML, **kwargs)
 
 
 def test_counts_refuse_negative() -> None:
@@ -316,6 +320,6 @@ def test_fresh_start_keeps_existing_replicas_for_a_window() -> None:
 
 
 def test_fresh_start_without_a_window_scales_down_at_once() -> None:
-    spec = ScalingSpec(max_replicas=100, scale_down_window_s=0)
+    spec = ScalingSpec(policy=AZUREML, max_replicas=100, scale_down_window_s=0)
     decision, _ = decide(spec, load(2, replicas=8), current=8, window=ScaleDownWindow(), now=0.0)
     assert (decision.desired, decision.reason) == (3, Reason.SCALE_DOWN)

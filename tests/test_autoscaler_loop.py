@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from autoscaler.decider import Counts, Reason, ScalingSpec
+from autoscaler.decider import Counts, Policy, Reason, ScalingSpec
 from autoscaler.loop import AutoscalerLoop, ServiceStatus
 from mlfe.clock import FakeClock, MonotonicClock, settle
 from mlfe.supervise import TaskFailure
 from tests.late_clock import LateClock
 
-SPEC = ScalingSpec(min_replicas=1, max_replicas=100)
+AZUREML = Policy.AZUREML  # the tests of azureml-fe's rule
+SPEC = ScalingSpec(policy=AZUREML, min_replicas=1, max_replicas=100)
 
 
 # Every test here must leave no task running (the fixture is in tests/conftest.py).
@@ -93,7 +94,7 @@ async def harness() -> AsyncIterator[Harness]:
 async def test_step_load_is_scaled_within_one_refresh_period(
     harness: Harness, refresh: float
 ) -> None:
-    spec = ScalingSpec(max_replicas=100, refresh_seconds=refresh)
+    spec = ScalingSpec(policy=AZUREML, max_replicas=100, refresh_seconds=refresh)
     harness.loop.set_services({"svc": spec})
     harness.loop.start()
     await harness.clock.advance_and_settle(10.3)
@@ -197,7 +198,7 @@ async def test_status_exposes_the_last_decision(harness: Harness) -> None:
 
 async def test_services_tick_at_their_own_rate(harness: Harness) -> None:
     harness.loop.set_services(
-        {"fast": SPEC, "slow": ScalingSpec(max_replicas=100, refresh_seconds=5)}
+        {"fast": SPEC, "slow": ScalingSpec(policy=AZUREML, max_replicas=100, refresh_seconds=5)}
     )
     harness.loop.start()
     await harness.clock.advance_and_settle(10)
@@ -244,7 +245,7 @@ async def test_config_reload_adds_changes_and_removes_services(harness: Harness)
     await harness.clock.advance_and_settle(2)
 
     harness.router.busy.update(a=7, b=7)
-    harness.loop.set_services({"a": ScalingSpec(max_replicas=5), "b": SPEC})
+    harness.loop.set_services({"a": ScalingSpec(policy=AZUREML, max_replicas=5), "b": SPEC})
     await harness.clock.advance_and_settle(0)
     assert [(c.at, c.service, c.desired) for c in harness.actuator.calls] == [(2, "b", 10)]
 
@@ -260,7 +261,7 @@ async def test_config_reload_adds_changes_and_removes_services(harness: Harness)
 
 async def test_autoscale_off_converges_to_num_replicas(harness: Harness) -> None:
     harness.router.busy["svc"] = 50
-    harness.loop.set_services({"svc": ScalingSpec(autoscale_enabled=False, num_replicas=3)})
+    harness.loop.set_services({"svc": ScalingSpec(policy=AZUREML, autoscale_enabled=False, num_replicas=3)})
     harness.loop.start()
     await harness.clock.advance_and_settle(5)
     assert [(c.at, c.desired) for c in harness.actuator.calls] == [(0, 3)]
@@ -405,3 +406,55 @@ async def test_a_human_change_is_adopted_for_a_window_not_undone(harness: Harnes
     await harness.clock.advance_and_settle(2)
     # The first tick after adopting (6) is the first to recommend less: down at 6 + 60.
     assert [(c.at, c.desired) for c in harness.actuator.calls] == [(0, 2), (66, 2)]
+
+
+@dataclass
+class RateRouter:
+    """Counts of a service offered ``rate`` req/s, each taking ``service_s`` at a replica, as
+    cumulative counters on the fake clock (what Router.counts reports)."""
+
+    clock: FakeClock
+    rate: float = 0.0
+    service_s: float = 0.05
+    since: float = 0.0
+    base: float = 0.0  # arrivals before ``since``
+    reads: list[float] = field(default_factory=list)
+
+    def set_rate(self, rate: float) -> None:
+        self.base = self._arrived(self.clock.now())
+        self.since, self.rate = self.clock.now(), rate
+
+    def _arrived(self, now: float) -> float:
+        return self.base + (now - self.since) * self.rate
+
+    def counts(self, service: str) -> Counts:
+        now = self.clock.now()
+        self.reads.append(now)
+        arrived = math.floor(self._arrived(now) + 1e-9)
+        in_flight = math.floor(self.rate * self.service_s)
+        served = max(0, arrived - in_flight)
+        return Counts(busy=in_flight, queued=0, replicas=1, arrivals=arrived, served=served,
+                      service_seconds=served * self.service_s)
+
+
+async def test_demand_policy_samples_ten_times_a_period_and_answers_a_step() -> None:
+    clock = FakeClock()
+    actuator = FakeActuator(clock)
+    router = RateRouter(clock)
+    loop = AutoscalerLoop(counts=router, actuator=actuator, clock=clock)
+    loop.set_services({"svc": ScalingSpec(max_replicas=100)})  # the demand policy: default
+    loop.start()
+    try:
+        await clock.advance_and_settle(10.05)
+        assert len(router.reads) == 101  # every 100 ms from 0
+        assert actuator.calls == []
+        router.set_rate(70.0)  # 70 req/s x 50 ms / 70 % = 5 replicas
+        await clock.advance_and_settle(1.0)
+        (call,) = actuator.calls
+        assert call.desired == 5
+        assert call.at - 10.05 <= 1.0
+        status = loop.status()["svc"]
+        assert status.rate == pytest.approx(70, rel=0.05)
+        assert status.service_time == pytest.approx(0.05)
+    finally:
+        await loop.stop()

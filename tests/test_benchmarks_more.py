@@ -58,6 +58,13 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
+def table_rows_all(stdout: str) -> list[list[str]]:
+    """Every markdown table row printed, as cells (for tables whose first cell repeats)."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in stdout.splitlines()
+            if line.startswith("|") and not set(line) <= set("|-: ")]
+
+
 def number(cell: str) -> float:
     return float(cell.replace(",", ""))
 
@@ -95,24 +102,42 @@ def test_workers_quick(tmp_path: Path) -> None:
 
 
 def test_autoscale_quick(tmp_path: Path) -> None:
-    out = run_quick("autoscale", tmp_path)
+    out = run_quick("autoscale", tmp_path, timeout_s=110)
     rows = table_rows(out)
-    decision = number(rows["step -> scale decision (desired rises)"][1])
-    assert 0 <= decision <= 2.5, out  # the next tick of a 1 s refresh (plus a sample)
-    assert number(rows["desired at its highest in the step"][1]) >= 3, out
-    assert number(rows["step -> first added replica serving (ready rises)"][1]) >= decision, out
-    assert 0 <= number(rows["503 share in the step"][1]) <= 100, out
-    # A 2 s scale-down window in --quick: down to the minimum well inside the 5 s drop.
-    assert 0 < number(rows["drop -> desired at the minimum (1)"][1]) <= 5, out
-    assert number(rows["square wave: direction changes of desired"][1]) >= 0, out
-    assert number(rows["requests neither 200 nor 503"][1]) == 0, out
-    for phase in ("idle", "step", "drop", "square"):
-        assert phase in rows, out
-    assert number(rows["step"][2]) > 0 and number(rows["step"][3]) > 0, out  # offered, served
+    for col, policy in ((1, "demand"), (2, "azureml")):
+        def cell(name: str, col: int = col) -> float:
+            return number(rows[name][col])
+
+        decision = cell("step -> scale decision (desired rises)")
+        assert 0 <= decision <= 2.5, out  # within a 1 s refresh (plus a sample)
+        assert cell("desired at its highest in the step") >= 3, out
+        assert cell("step -> first added replica serving (ready rises)") >= decision, out
+        assert 0 <= cell("503 share in the step") <= 100, out
+        # A 2 s scale-down window in --quick: down to the minimum well inside the 5 s drop.
+        assert 0 < cell("drop -> desired at the minimum (1)") <= 5, out
+        assert cell("square wave: direction changes of desired") >= 0, out
+        assert cell("requests neither 200 nor 503") == 0, (policy, out)
+    # 3 replicas needed: the demand policy asks for 3 or 4, never the maximum's overshoot.
+    assert number(rows["desired at its highest in the step"][1]) <= 4, out
+    phases = [r for r in table_rows_all(out) if r[1] in ("idle", "step", "drop", "square")]
+    assert {(r[0], r[1]) for r in phases} == {
+        (p, ph) for p in ("demand", "azureml") for ph in ("idle", "step", "drop", "square")}
+    for r in phases:
+        if r[1] == "step":
+            assert number(r[3]) > 0 and number(r[4]) > 0, out  # offered, served
+    # Scale to zero: back at no replica about a window after the last request, and the
+    # request after idle served after a cold start (it waited in the queue, no 503).
+    assert number(rows["first request after idle: status"][1]) == 200, out
+    assert number(rows["first request after idle: queueMs (access log)"][1]) > 0, out
+    assert number(rows["503s in the scale-to-zero run"][1]) == 0, out
+    assert 1 <= number(rows["last request -> no replica"][1]) <= 10, out
     assert len(list(tmp_path.glob("autoscale-*.png"))) == 1
     data = json.loads(next(tmp_path.glob("autoscale-*.json")).read_text())
-    assert len(data["samples"]) > 50  # every 100 ms
-    assert {"replicas", "desired", "current", "busy", "queued"} <= set(data["samples"][0])
+    for policy in ("demand", "azureml"):
+        samples = data["runs"][policy]["samples"]
+        assert len(samples) > 50  # every 100 ms
+        assert {"replicas", "desired", "current", "busy", "queued"} <= set(samples[0])
+    assert data["scale_to_zero"]["status"] == 200
 
 
 def test_overload_quick(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ def test_defaults_are_azuremls() -> None:
         60000, 1, 500)
     assert (s.autoscale_min_replicas, s.autoscale_max_replicas) == (1, 10)
     assert (s.autoscale_refresh_seconds, s.autoscale_target_utilization) == (1, 70)
+    assert (s.autoscale_policy, s.autoscale_cold_start_seconds) == ("demand", 60)
     assert s.autoscaling and s.auth_enabled and not s.token_auth_enabled
     assert (s.cpu_cores, s.memory_gb, s.gpu_cores) == (0.1, 0.5, 0)
     assert (s.period_seconds, s.initial_delay_seconds, s.timeout_seconds) == (10, 310, 2)
@@ -56,6 +57,13 @@ def test_defaults_are_azuremls() -> None:
         ({"upstreams": ["nohost"]}, "services.svc.upstreams.0: expected HOST:PORT (got 'nohost')"),
         ({**SCRIPT, "scoring_timout_ms": 5}, "services.svc.scoring_timout_ms: Extra inputs"),
         ({**SCRIPT, "autoscale_target_utilization": 150}, "(got 150)"),
+        ({**SCRIPT, "autoscale_policy": "knative"}, "services.svc.autoscale_policy"),
+        ({**SCRIPT, "autoscale_min_replicas": -1}, "(got -1)"),
+        ({**SCRIPT, "autoscale_max_replicas": 0}, "services.svc.autoscale_max_replicas"),
+        ({**SCRIPT, "autoscale_cold_start_seconds": 0}, "autoscale_cold_start_seconds"),
+        ({**SCRIPT, "num_replicas": 2, "autoscale_policy": "azureml"},
+         "autoscale_policy provided without enabling autoscaling"),
+        ({**UP, "autoscale_min_replicas": 0}, "do not apply to static upstreams"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -119,3 +127,11 @@ def test_router_pods_have_a_floor_and_every_cooldown_is_configurable() -> None:
     assert (s.min_pods, s.max_pods, s.pod_cooldown_seconds, s.cooldown_seconds) == (2, 4, 45, 30)
     with pytest.raises(ConfigError, match="min_pods"):
         parse_config({"router": {"self_scaling": {"min_pods": 3, "max_pods": 2}}})
+
+
+def test_scale_to_zero_and_the_azureml_policy_are_accepted() -> None:
+    s = parse_config({"services": {"svc": {**SCRIPT, "autoscale_min_replicas": 0,
+                                           "autoscale_policy": "azureml",
+                                           "autoscale_cold_start_seconds": 20}}}).services["svc"]
+    assert (s.autoscale_min_replicas, s.autoscale_policy, s.autoscale_cold_start_seconds) == (
+        0, "azureml", 20)

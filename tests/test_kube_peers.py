@@ -172,3 +172,29 @@ async def test_peers_come_from_the_router_service(tmp_path: Path) -> None:
             await watcher.close()
             await peers.close()
             await api.close()
+
+
+async def test_arrivals_add_up_from_when_a_peer_is_first_seen(
+    peer_admins: list[tuple[AdminApi, StatsOnly]],
+) -> None:
+    """The demand policy's cumulative counts: a peer's totals before it was first seen are its
+    past, not a burst of arrivals now; what it counts after that is added."""
+    clock = FakeClock()
+    local = Local()
+    local.value = Counts(busy=0, queued=0, replicas=3, arrivals=100, served=90,
+                         service_seconds=4.5)
+    peers = PeerCounts(local, admin_token=TOKEN, clock=clock, timeout_s=2.0)
+    admin, stub = peer_admins[0]
+    stub.stats_value["iris"].update(arrivals=5000, served=4990, serviceSeconds=250.0)
+    peers.set_peers([f"127.0.0.1:{admin.port}"])
+    try:
+        await peers.refresh()
+        first = peers.counts("iris")
+        assert (first.arrivals, first.served, first.service_seconds) == (100, 90, 4.5)
+        stub.stats_value["iris"].update(arrivals=5070, served=5060, serviceSeconds=253.5)
+        await peers.refresh()
+        later = peers.counts("iris")
+        assert (later.arrivals, later.served) == (170, 160)
+        assert later.service_seconds == pytest.approx(8.0)
+    finally:
+        await peers.close()

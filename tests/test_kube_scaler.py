@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autoscaler.decider import Counts, ScalingSpec
+from autoscaler.decider import Counts, Policy, ScalingSpec
 from autoscaler.loop import AutoscalerLoop
 from autoscaler.router_loop import DeploymentPods
 from deploy.kube.api import KubeApi
@@ -186,7 +186,7 @@ async def test_the_autoscaler_drives_the_target(fake: FakeKubeApi, api: KubeApi)
     target = KubernetesTarget({}, api, clock=clock)
     target.configure({}, cfg.services)
     loop = AutoscalerLoop(counts=Busy(5), actuator=target, clock=clock)
-    loop.set_services({"iris": ScalingSpec(min_replicas=1, max_replicas=10)})
+    loop.set_services({"iris": ScalingSpec(min_replicas=1, max_replicas=10, policy=Policy.AZUREML)})
     try:
         await asyncio.wait_for(target.wait_synced(), 10)
         loop.start()  # first tick at once: 5 busy at 70 % -> 8 replicas
@@ -241,3 +241,16 @@ async def test_a_follower_sees_the_leaders_scaling_without_a_warning(
         assert "changed outside mlfe" not in caplog.text
     finally:
         await follower.close()
+
+
+async def test_a_deployment_scales_to_zero_and_back(fake: FakeKubeApi, scaler: KubeScaler
+                                                     ) -> None:
+    """autoscale_min_replicas 0: replicas 0 through /scale, then 1 again for the next request."""
+    await scaler.refresh("iris")
+    await scaler.scale("iris", 0)
+    assert fake.deployment(NS, "iris")["spec"]["replicas"] == 0
+    assert scaler.current("iris") == 0
+    assert await scaler.refresh("iris") == 0  # a Deployment at zero reads back as 0
+    await scaler.scale("iris", 1)
+    assert fake.deployment(NS, "iris")["spec"]["replicas"] == 1
+    assert [w.body["spec"]["replicas"] for w in writes(fake)] == [0, 1]

@@ -81,6 +81,18 @@ def test_two_worker_processes_keep_the_cap(tmp_path: Path) -> None:
                 assert secs < WAIT_MS / 1000 + 1.0
         waits = queue_waits_ms(router.log())
         assert len(waits) >= 200 and max(waits) < WAIT_MS + 250
+        # The autoscaler's cumulative counts are the workers' sums: every request arrived, the
+        # 200s were served (each after at least the replica's run time).
+
+        def totals() -> dict[str, Any]:
+            r = httpx.get(f"http://127.0.0.1:{admin_port}/v1/stats",
+                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5)
+            out: dict[str, Any] = r.json()["services"]["slow"]
+            return out
+
+        router.wait_for(lambda: totals()["arrivals"] == len(results)
+                        and totals()["served"] == statuses.count(200), "the workers' totals")
+        assert totals()["serviceSeconds"] > 0
         router.signal()
         assert router.wait_exit() == 0
     finally:

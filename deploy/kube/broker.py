@@ -56,8 +56,9 @@ def broker_named(elector: LeaderElector) -> str:
 class BrokerCounts:
     """The leader's load counts: busy and queued summed over every router pod, as each pod's
     slot member reports them to the broker (every 20 ms while they change, every second
-    anyway), so the autoscaler scales on the whole service. Before the broker has any member,
-    this pod's own counts."""
+    anyway), so the autoscaler scales on the whole service; the rest of ``local``'s counts
+    (the peer counts' sums of arrivals and service times) as they are. Before the broker has any
+    member, ``local``'s counts alone."""
 
     def __init__(self, local: StatsSource, server: Callable[[], BrokerServer | None]) -> None:
         self._local = local

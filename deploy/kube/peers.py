@@ -54,6 +54,18 @@ def pod_ip() -> str | None:
 class PeerStats:
     at: float  # clock time of the fetch
     services: dict[str, tuple[int, int]]  # name -> (busy, queued)
+    # name -> cumulative (arrivals, served, service seconds), for the demand policy's rates
+    totals: dict[str, tuple[int, int, float]] = dataclasses.field(default_factory=dict)
+
+
+def _parse_totals(data: Any) -> dict[str, tuple[int, int, float]]:
+    out: dict[str, tuple[int, int, float]] = {}
+    for name, s in (data.get("services") or {}).items():
+        if isinstance(s, dict):
+            a, n, sec = s.get("arrivals", 0), s.get("served", 0), s.get("serviceSeconds", 0.0)
+            if isinstance(a, int) and isinstance(n, int) and isinstance(sec, int | float):
+                out[str(name)] = (a, n, float(sec))
+    return out
 
 
 def _parse_stats(data: Any) -> dict[str, tuple[int, int]]:
@@ -95,6 +107,9 @@ class PeerCounts:
         self._scheme = scheme
         self._peers: list[str] = []
         self._stats: dict[str, PeerStats] = {}
+        # Each peer's totals when first seen: only what it counts after that is added, so a
+        # peer joining does not look like a burst of arrivals.
+        self._base: dict[str, dict[str, tuple[int, int, float]]] = {}
         self._logged: dict[str, float] = {}  # peer -> clock time its failure was last logged
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
@@ -104,12 +119,18 @@ class PeerCounts:
     def counts(self, service: str) -> ServiceStats:
         local = self._local.counts(service)
         busy, queued = local.busy, local.queued
+        arrivals, served, seconds = local.arrivals, local.served, local.service_seconds
         now = self._clock.now()
-        for stats in self._stats.values():
+        for peer, stats in self._stats.items():
             if now - stats.at <= self._max_age_s:
                 b, q = stats.services.get(service, (0, 0))
                 busy, queued = busy + b, queued + q
-        return dataclasses.replace(local, busy=busy, queued=queued)
+                a, n, sec = stats.totals.get(service, (0, 0, 0.0))
+                a0, n0, sec0 = self._base.get(peer, {}).get(service, (a, n, sec))
+                arrivals, served = arrivals + max(a - a0, 0), served + max(n - n0, 0)
+                seconds += max(sec - sec0, 0.0)
+        return dataclasses.replace(local, busy=busy, queued=queued, arrivals=arrivals,
+                                   served=served, service_seconds=seconds)
 
     # ---- peers --------------------------------------------------------------------------------
 
@@ -127,6 +148,7 @@ class PeerCounts:
         self._peers = sorted(set(peers))
         for gone in self._stats.keys() - set(self._peers):
             del self._stats[gone]
+            self._base.pop(gone, None)
 
     async def refresh(self) -> None:
         """Fetch every peer's stats once, concurrently."""
@@ -140,15 +162,21 @@ class PeerCounts:
         for peer, stats in zip(peers, results, strict=True):
             if stats is None or peer not in current:
                 self._stats.pop(peer, None)
+                self._base.pop(peer, None)
             else:
                 self._stats[peer] = stats
+                base = self._base.setdefault(peer, {})
+                for name, totals in stats.totals.items():
+                    base.setdefault(name, totals)
 
     async def _fetch(self, client: httpx.AsyncClient, peer: str) -> PeerStats | None:
         url = f"{self._scheme}://{peer}/v1/stats"
         try:
             resp = await client.get(url)
             resp.raise_for_status()
-            services = _parse_stats(resp.json())
+            data = resp.json()
+            services = _parse_stats(data)
+            totals = _parse_totals(data)
         except (httpx.HTTPError, ValueError) as e:
             now = self._clock.now()
             last = self._logged.get(peer)
@@ -157,7 +185,7 @@ class PeerCounts:
                 log.warning("router peer %s: no stats (%s: %s); left out of the counts",
                             peer, type(e).__name__, e)
             return None
-        return PeerStats(self._clock.now(), services)
+        return PeerStats(self._clock.now(), services, totals)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -178,6 +206,7 @@ class PeerCounts:
                 await self._task
             self._task = None
         self._stats.clear()
+        self._base.clear()
 
     async def close(self) -> None:
         await self.stop()

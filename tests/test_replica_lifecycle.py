@@ -1,0 +1,167 @@
+"""Local replicas end to end (`mlfe up`): scale to zero and back on the next request, probing as
+Kubernetes does it (a slow start is not killed early), and failed starts retried with a backoff
+that `GET /v1/stats` shows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from deploy import local_target
+from mlfe.config import parse_config
+from mlfe.supervise import Supervisor
+from router.auth import NoAuth
+from router.services import Service, ServiceLinks
+from tests.support import Proc, free_port, spawn
+
+ADMIN = "admin-token-for-tests"
+KEY = "lifecycle-test-key-" + "x" * 32
+
+
+def start_up(tmp: Path, service: dict[str, Any], access_log: bool = False) -> tuple[Proc, str]:
+    port, admin_port = free_port(), free_port()
+    cfg = {
+        "router": {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}",
+                   "state_dir": str(tmp / "state"), "access_log": access_log},
+        "services": {"svc": {"primary_key": KEY, **service}},
+    }
+    path = tmp / "up.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = spawn(["up", "--config", str(path)], tmp / "up.log", port, {"MLFE_ADMIN_TOKEN": ADMIN})
+    return p, f"http://127.0.0.1:{admin_port}"
+
+
+def stats(admin: str) -> dict[str, Any]:
+    r = httpx.get(admin + "/v1/stats", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5)
+    r.raise_for_status()
+    s: dict[str, Any] = r.json()["services"]["svc"]
+    return s
+
+
+def stop(up: Proc) -> None:
+    up.signal(signal.SIGTERM)
+    code = up.wait_exit(timeout=60)
+    assert code == 0, up.log()[-3000:]
+
+
+def access_lines(up: Proc) -> list[dict[str, Any]]:
+    out = []
+    for line in up.log().splitlines():
+        if line.startswith("{") and '"requestId"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def test_scales_to_zero_and_the_next_request_waits_for_a_cold_start(tmp_path: Path) -> None:
+    up, admin = start_up(tmp_path, {
+        "synthetic": {"latency": "fixed:5", "init_ms": 300},
+        "autoscale_min_replicas": 0,
+        "autoscale_refresh_seconds": 0.5,
+        "autoscale_scale_down_window_seconds": 2,
+        "autoscale_cold_start_seconds": 30,
+        "max_request_wait_time": 500,
+    }, access_log=True)
+    try:
+        up.wait_for(lambda: up.get_ok("/-/healthy"), "router up")
+        # Starts at the minimum, 0, and says so.
+        up.wait_for(lambda: stats(admin).get("scaledToZero") is True, "scaled to zero")
+        assert stats(admin)["replicas"] == 0
+        metrics = httpx.get(admin + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"},
+                            timeout=5).text
+        assert 'mlfe_scaled_to_zero{service="svc"} 1.0' in metrics
+
+        r = httpx.post(f"{up.url}/api/v1/service/svc/score", json={"data": [1]},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        up.wait_for(lambda: any(a["service"] == "svc" for a in access_lines(up)), "access log")
+        (line,) = [a for a in access_lines(up) if a["service"] == "svc"]
+        # It waited for the replica to start (its init alone is 300 ms), longer than
+        # max_request_wait_time, and was served, not refused.
+        assert line["status"] == 200 and line["queueMs"] > 500, line
+        st = stats(admin)
+        assert st["replicas"] == 1
+        # What the demand policy reads: one arrival, served, its replica time counted.
+        assert (st["arrivals"], st["served"]) == (1, 1) and st["serviceSeconds"] > 0.004
+        # Idle again: back to zero after the window.
+        up.wait_for(lambda: stats(admin).get("scaledToZero") is True, "scaled to zero again",
+                    timeout=30)
+    finally:
+        stop(up)
+
+
+def test_a_replica_slower_to_start_than_initial_delay_is_not_killed(tmp_path: Path) -> None:
+    """initial_delay_seconds 1, period 1: the replica listens only after ~2.5 s (an init of
+    2 s); Kubernetes would fail 1-2 probes and wait for failure_threshold (5), so it lives."""
+    up, admin = start_up(tmp_path, {
+        "synthetic": {"latency": "fixed:5", "init_ms": 2000},
+        "num_replicas": 1,
+        "initial_delay_seconds": 1,
+        "period_seconds": 1,
+        "failure_threshold": 5,
+    })
+    try:
+        up.wait_for(lambda: up.get_ok("/-/healthy"), "router up")
+        up.wait_for(lambda: stats(admin)["replicas"] == 1, "the replica ready", timeout=60)
+        st = stats(admin)
+        assert st["startFailures"] == 0, up.log()[-3000:]
+        assert "failed" not in up.log()
+    finally:
+        stop(up)
+
+
+def test_a_failing_start_is_retried_with_a_backoff_shown_in_stats(tmp_path: Path) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("def init():\n    raise RuntimeError('no model here')\n\n"
+                      "def run(data):\n    return data\n")
+    up, admin = start_up(tmp_path, {
+        "entry_script": str(script),
+        "num_replicas": 1,
+        "initial_delay_seconds": 1,
+        "period_seconds": 1,
+    })
+    try:
+        up.wait_for(lambda: up.get_ok("/-/healthy"), "router up")
+        up.wait_for(lambda: stats(admin).get("startFailures", 0) >= 2
+                    and "retryInSeconds" in stats(admin), "failed starts and a backoff",
+                    timeout=60)
+        assert stats(admin)["replicas"] == 0
+    finally:
+        stop(up)
+
+
+async def test_replicas_start_at_most_start_slots_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three replicas asked for at once, one start slot: each process is spawned only once the
+    one before it is ready, and none is counted ready before it is."""
+    monkeypatch.setattr(local_target, "start_slots", lambda: 1)
+    cfg = parse_config({"services": {"svc": {
+        "synthetic": {"latency": "fixed:5", "init_ms": 400}, "num_replicas": 3,
+        "auth_enabled": False}}}).services["svc"]
+    supervisor = Supervisor()
+    svc = Service("svc", cfg, NoAuth(), ServiceLinks(supervisor))
+    target = local_target.LocalTarget({"svc": svc}, tmp_path, supervisor)
+    target.configure({"svc": svc}, {"svc": cfg})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    try:
+        while loop.time() < deadline:
+            reps = target.replicas("svc")
+            spawned = [r for r in reps
+                       if r.state is local_target.State.STARTING and r.proc is not None]
+            assert len(spawned) <= 1, [(r.state, r.port) for r in reps]
+            ready = [r for r in reps if r.state is local_target.State.READY]
+            assert svc.pool.ready == len(ready)  # in the pool exactly when ready
+            if len(ready) == 3:
+                break
+            await asyncio.sleep(0.02)  # the poll interval
+        assert svc.pool.ready == 3
+    finally:
+        await target.close()
+        svc.close()
