@@ -17,6 +17,13 @@ from router.slots import BrokerServer, ReloadUnconfirmed, SlotMember
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[tuple[BrokerServer, str]]:
     server = BrokerServer()
@@ -74,15 +81,13 @@ async def test_a_silent_member_makes_the_reload_fail_after_the_bound(
         broker: tuple[BrokerServer, str]) -> None:
     server, address = broker
     members = Members(address)
-    reader, writer = await asyncio.open_unix_connection(address[5:])
+    _, writer = await asyncio.open_unix_connection(address[5:])
     try:
         await members.join("a")
         # A member that joins and then never answers a reload (a hung worker).
         writer.write(orjson.dumps({"op": "hello", "member": "hung"}) + b"\n")
         await writer.drain()
-        async with asyncio.timeout(5):
-            while "hung" not in server.members():
-                await asyncio.sleep(0.01)
+        await until(lambda: "hung" in server.members(), "hung joined")
         t0 = time.monotonic()
         with pytest.raises(ReloadUnconfirmed) as err:
             await server.reload(timeout_s=0.3)
@@ -93,9 +98,7 @@ async def test_a_silent_member_makes_the_reload_fail_after_the_bound(
 
         # Once the silent one is gone, a reload waits only for the live ones.
         writer.close()
-        async with asyncio.timeout(5):
-            while "hung" in server.members():
-                await asyncio.sleep(0.01)
+        await until(lambda: "hung" not in server.members(), "hung left")
         await server.reload(timeout_s=5)
         assert members.reloads["a"] == 3
     finally:
@@ -112,9 +115,7 @@ async def test_a_member_leaving_mid_reload_is_not_waited_for(
         await members.join("a")
         writer.write(orjson.dumps({"op": "hello", "member": "dying"}) + b"\n")
         await writer.drain()
-        async with asyncio.timeout(5):
-            while "dying" not in server.members():
-                await asyncio.sleep(0.01)
+        await until(lambda: "dying" in server.members(), "dying joined")
         reload = asyncio.create_task(server.reload(timeout_s=30))
         async with asyncio.timeout(5):
             while b'"reload"' not in (line := await reader.readline()) or b'"seq":1' not in line:
