@@ -257,7 +257,9 @@ def test_sigterm_with_two_workers_answers_every_accepted_request(tmp_path: Path)
         for r in reps:
             r.stop()
     assert [o.status for o in results] == [200] * CLIENTS, sorted({o.status for o in results})
-    assert all(o.close for o in results if o.done > o.sent + 0.5)  # answered while draining
+    # The second half to finish (1.5 s of work after the SIGTERM at least) was answered while
+    # draining: with Connection: close.
+    assert all(o.close for o in sorted(results, key=lambda o: o.done)[CLIENTS // 2:])
     assert took < DRAIN_S
     assert not [o for o in late if o.partial], "a response was cut off"
     assert {o.status for o in late} <= {0, 200}
