@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.support import EXAMPLES, free_port, keys_of, start_replica, start_router
+from tests.support import EXAMPLES, Proc, free_port, keys_of, start_replica, start_router
 from tests.test_workers import worker_pids
 
 ADMIN = "admin-token-for-fault-load-tests"
@@ -102,6 +102,13 @@ async def until(condition: Callable[[], bool], what: str, within: float = BOUND_
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def workers_serving(router: Proc) -> int:
+    """Workers that logged "scoring on": each does once it is in its supervisor's broker and
+    has its state (the supervisor's own "mlfe: scoring on ..." line is not one)."""
+    return sum(1 for line in router.log().splitlines()
+               if "scoring on http" in line and not line.startswith("mlfe:"))
 
 
 def admin(port: int, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -201,7 +208,7 @@ def test_sigterm_with_two_workers_answers_every_accepted_request(tmp_path: Path)
             "replica_max_concurrent_requests": CAP, "max_request_wait_time": 15_000,
             "scoring_timeout_ms": 10_000, "max_queue_length": 10_000}},
     }, env={"MLFE_ADMIN_TOKEN": ADMIN})
-    router.wait_for(lambda: router.log().count("scoring on http") >= 2, "both workers listening")
+    router.wait_for(lambda: workers_serving(router) == 2, "both workers listening")
     # 200 requests of 0.6 s on 2 x CAP slots: 3 s of work, all of it in the router at SIGTERM.
     accepted_raw = request("/api/v1/service/slow/score", b'{"ms": 600}')
     late_raw = request("/api/v1/service/slow/score", b'{"ms": 10}')
@@ -333,7 +340,7 @@ def test_admin_writes_and_key_rotation_under_load_with_two_workers(tmp_path: Pat
             "v1": {"service": "model"},  # the default: takes what v2 leaves
             "v2": {"service": "model", "traffic_percentile": 50}}}},
     }, env={"MLFE_ADMIN_TOKEN": ADMIN})
-    router.wait_for(lambda: router.log().count("scoring on http") >= 2, "both workers listening")
+    router.wait_for(lambda: workers_serving(router) == 2, "both workers listening")
     router.wait_for(lambda: len(worker_pids(router)) == 2, "two worker processes")
     pids = worker_pids(router)
     svc_secondary = keys_of(router, "model")[1]
@@ -414,7 +421,7 @@ def test_an_admin_change_a_worker_cannot_confirm_is_503_naming_how_many(tmp_path
         "services": {"model": {"upstreams": [f"127.0.0.1:{rep.port}"]}},
     }, env={"MLFE_ADMIN_TOKEN": ADMIN})
     try:
-        router.wait_for(lambda: router.log().count("scoring on http") >= 2, "both workers")
+        router.wait_for(lambda: workers_serving(router) == 2, "both workers")
         router.wait_for(lambda: len(worker_pids(router)) == 2, "two worker processes")
         pids = worker_pids(router)
         old = keys_of(router, "model")[0]
