@@ -4,7 +4,8 @@ The supervisor (`mlfe serve` with `router.workers` > 1) keeps the control plane 
 local replicas, autoscaler, and the slot broker — and runs `mlfe worker` children that serve
 the scoring path. Each worker joins the broker over a unix socket in the state dir, so the
 per-replica cap holds across them (router/coordination.py); the supervisor pushes replica sets
-and "reload" (keys or endpoints changed) to them. A worker that dies is restarted; on SIGTERM
+and "reload" (keys or endpoints changed) to them, and an admin change returns once every live
+worker confirmed it (router/slots.py). A worker that dies is restarted; on SIGTERM
 every worker drains (turns unready, finishes its accepted requests) and exits.
 """
 

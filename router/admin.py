@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from mlfe.config import ConfigError, VersionConfig
 from router.keystore import atomic_write
+from router.slots import ReloadUnconfirmed
 from router.state import StateConflict, StateUnavailable
 
 if TYPE_CHECKING:
@@ -219,6 +220,9 @@ class AdminApi:
             primary, secondary = await self._router.regenerate_key(name, key_type)  # stored first
         except (StateConflict, StateUnavailable) as e:
             return _state_error(e)
+        except ReloadUnconfirmed as e:
+            log.warning("%s: %s key regenerated; %s", name, key_type.lower(), e)
+            return _unconfirmed(e)
         log.info("%s: %s key regenerated", name, key_type.lower())
         return json_response({"primaryKey": primary, "secondaryKey": secondary})
 
@@ -272,6 +276,8 @@ class AdminApi:
             return json_error(400, str(e))
         except (StateConflict, StateUnavailable) as e:
             return _state_error(e)
+        except ReloadUnconfirmed as e:
+            return _unconfirmed(e)
         return web.Response(status=204)
 
     async def _change_version(
@@ -295,6 +301,8 @@ class AdminApi:
             return json_error(400, str(e))
         except (StateConflict, StateUnavailable) as e:
             return _state_error(e)
+        except ReloadUnconfirmed as e:
+            return _unconfirmed(e)
         return json_response(self._describe_endpoint(name))
 
 
@@ -333,6 +341,12 @@ def _state_error(e: StateConflict | StateUnavailable) -> web.Response:
     if isinstance(e, StateConflict):
         return json_error(409, f"not changed: {e}")
     return json_error(503, f"not changed: {e}")
+
+
+def _unconfirmed(e: ReloadUnconfirmed) -> web.Response:
+    """503: stored and live in this process, but not every worker process confirmed it."""
+    return json_error(503, f"the change is stored, but {e}; they take it when they answer "
+                      "or restart")
 
 
 def _not_found(what: str) -> web.HTTPNotFound:

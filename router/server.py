@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,10 @@ class ConnectionSet(set[HttpServerProtocol]):
             await self._empty.wait()
 
 
+# A worker waits this long for its supervisor's state before it serves anyway.
+SYNC_TIMEOUT_S = 10.0
+
+
 def with_persisted_endpoints(cfg: MlfeConfig) -> MlfeConfig:
     """Endpoints changed through the admin API are kept in the state dir and win over the
     config file's `endpoints` section (they are the newer truth)."""
@@ -103,9 +107,11 @@ class Router:
     ``workers`` (a worker supervisor) is the broker its worker processes report through, whose
     sums are this router's counts; ``membership`` makes it a slot broker member; ``scaling``
     tells what the autoscaler last decided per service; ``on_change`` hears of every persisted
-    admin change (keys, endpoints); ``ready_check`` is more readiness (the sidecar follows its
-    model's liveness); ``state`` stores admin writes (the state dir unless given: in a cluster,
-    the Kubernetes store every router pod shares).
+    admin change (keys, endpoints) and returns once it is applied everywhere it must be (with
+    worker processes: every live worker confirmed it, see ``BrokerServer.reload``);
+    ``ready_check`` is more readiness (the sidecar follows its model's liveness); ``state``
+    stores admin writes (the state dir unless given: in a cluster, the Kubernetes store every
+    router pod shares).
     """
 
     def __init__(
@@ -117,7 +123,7 @@ class Router:
         workers: BrokerServer | None = None,
         membership: Membership | None = None,
         scaling: Callable[[str], Mapping[str, Any]] = _no_scaling,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[], Awaitable[None]] | None = None,
         ready_check: Callable[[], bool] | None = None,
         reuse_port: bool = False,
         data_file_prefix: str = "data",
@@ -157,6 +163,7 @@ class Router:
                 raise ConfigError(f"router.tls: {e}") from None
         self._reuse_port = reuse_port
         self.member: SlotMember | None = None
+        self._follows = membership is not None and membership.follows_supervisor
         if membership is not None:
             follow = membership.follows_supervisor
             self.member = SlotMember(
@@ -170,8 +177,8 @@ class Router:
             coordinated=workers is not None or membership is not None,
         )
         if on_change is None and workers is not None:
-            on_change = workers.push_reload  # the workers take the change from the state dir
-        self._on_change = on_change or (lambda: None)
+            on_change = workers.reload  # the workers take the change from the state dir
+        self._on_change = on_change
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._limits = limits_from(cfg)
@@ -245,7 +252,11 @@ class Router:
             svc.auth = self._auth_for(name, svc.cfg)
         elif name in self.endpoints:
             self._build_endpoints(self.cfg)
-        self._on_change()
+
+    async def _confirm_change(self) -> None:
+        # One process: nothing to wait for, the change is live once applied above.
+        if self._on_change is not None:
+            await self._on_change()
 
     def _set_replicas(self, service: str, addrs: list[str]) -> None:
         """A worker's replica set, as its supervisor pushed it."""
@@ -263,13 +274,15 @@ class Router:
 
     async def regenerate_key(self, name: str, key_type: str) -> tuple[str, str]:
         """A new primary or secondary key for ``name``: stored first (StateConflict or
-        StateUnavailable: nothing changed), then used."""
+        StateUnavailable: nothing changed), used here, then confirmed by every worker process
+        (ReloadUnconfirmed if some did not: it is stored and used here)."""
         async with self._write_lock:
             await self._state.commit({KEYS_FILE: self.keys.regenerated(name, key_type)})
             self.keys = KeyStore(self.cfg.router.state_dir)
             self.refresh_auth(name)
         keys = self.keys.get(name)
         assert keys is not None
+        await self._confirm_change()
         return keys
 
     def _build_endpoints(self, cfg: MlfeConfig) -> None:
@@ -303,7 +316,8 @@ class Router:
     async def change_endpoints(self, mutate: Callable[[dict[str, Any]], None]) -> None:
         """Apply an admin change to the endpoints: validated whole (ConfigError names what is
         wrong, and nothing changes), stored (StateConflict or StateUnavailable: nothing
-        changed), then swapped into the live routing table."""
+        changed), swapped into the live routing table, then confirmed by every worker process
+        (ReloadUnconfirmed if some did not: it is stored and live here)."""
         async with self._write_lock:
             data = self.cfg.model_dump(mode="json", exclude_unset=True)
             endpoints: dict[str, Any] = data.setdefault("endpoints", {})
@@ -312,7 +326,7 @@ class Router:
             await self._state.commit(
                 {ENDPOINTS_FILE: orjson.dumps(endpoints, option=orjson.OPT_INDENT_2)})
             self.apply(new)
-            self._on_change()
+        await self._confirm_change()
 
     @property
     def base_url(self) -> str:
@@ -358,6 +372,8 @@ class Router:
         self.apply(self.cfg)
         if self.member is not None:
             self._tasks.append(self._supervisor.spawn(self.member.run(), name="slot member"))
+            if self._follows:
+                await self._await_sync(self.member)
         host, port = self.cfg.router.listen_addr
         if not listen:
             self.port = port
@@ -380,6 +396,16 @@ class Router:
         self.port = sock.getsockname()[1]
         self._tasks.append(self._supervisor.spawn(self._sweep(), name="client timeout sweeper"))
         log.info("scoring on http://%s:%d", host, self.port)
+
+    async def _await_sync(self, member: SlotMember) -> None:
+        """A worker serves once it has its supervisor's current state (keys, endpoints and
+        replica sets): an admin change made while it started is then not missed."""
+        try:
+            async with asyncio.timeout(SYNC_TIMEOUT_S):
+                await member.synced.wait()
+        except TimeoutError:
+            log.warning("no state from the supervisor's broker after %.0f s; serving with "
+                        "the state dir as read at start", SYNC_TIMEOUT_S)
 
     async def _sweep(self) -> None:
         """Close connections past their header, body or keep-alive timeout. One periodic pass

@@ -7,12 +7,22 @@ JSON lines over a stream (a unix socket between worker processes, TCP between po
                       {"op": "report", "service": s, "demand": n, "busy": n, "queued": n,
                        "replicas": {addr: cap}, "holding": {addr: slots} (after (re)connect)}
                       {"op": "released", "service": s, "replica": addr, "slots": n}
+                      {"op": "reloaded", "seq": n, "ok": bool}   (answer to a reload)
     broker -> member  {"op": "set", "service": s, "replica": addr, "slots": n}
                       {"op": "replicas", "service": s, "addrs": [...]}   (supervisor's replicas)
-                      {"op": "reload"}                                   (config changed)
+                      {"op": "reload", "seq": n}     (keys or endpoints changed in the state dir)
 
 Per request nothing is sent: a member reports its demand at most every `REPORT_INTERVAL_S`
 when it changed (and every `HEARTBEAT_S` anyway), so the cost is per interval, not per request.
+
+Admin changes (worker processes): the supervisor stores a change in the state dir, then
+`BrokerServer.reload()` sends "reload" with the next sequence number to every member; each one
+rereads the state dir and answers "reloaded" with that number. The admin call returns once every
+live member has answered (a member that leaves meanwhile is not waited for; a worker that starts
+later reads the state dir anyway), or fails with `ReloadUnconfirmed` after `RELOAD_TIMEOUT_S`.
+Right after "hello" the broker sends its current "reload" too, so a member that read the state
+dir before a change it was not yet connected for catches up; a worker serves only after that
+first reload (`SlotMember.synced`).
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ METRICS_INTERVAL_S = 0.25
 RECONNECT_MAX_S = 2.0
 # A departed member's slots are held this long: the replica may still be running its requests.
 DEFAULT_GRACE_S = 2.0
+# How long an admin change waits for every worker to confirm it has applied it.
+RELOAD_TIMEOUT_S = 5.0
 
 
 # One message is one line; a service with thousands of replicas makes long ones.
@@ -63,6 +75,16 @@ def _line(msg: dict[str, Any]) -> bytes:
     return orjson.dumps(msg, option=orjson.OPT_APPEND_NEWLINE)
 
 
+class ReloadUnconfirmed(Exception):
+    """Some live members did not confirm a reload in time (or could not apply it)."""
+
+    def __init__(self, missing: int, live: int, timeout_s: float) -> None:
+        self.missing = missing
+        self.live = live
+        super().__init__(f"{missing} of {live} worker processes did not confirm the change "
+                         f"within {timeout_s:g} s")
+
+
 class BrokerServer:
     """Owns the slots of every replica; members connect, report and receive grants."""
 
@@ -77,6 +99,10 @@ class BrokerServer:
         self._reported = asyncio.Event()  # replaced after each report: wakes drain waiters
         self._metrics: dict[str, dict[str, dict[str, Any]]] = {}  # member -> service -> snap
         self._retired: dict[str, ServiceMetrics] = {}  # counters of members that left
+        self._reload_seq = 0
+        self._confirmed: dict[str, int] = {}  # member -> last reload it applied
+        self._refused: dict[str, int] = {}  # member -> last reload it failed to apply
+        self._answered = asyncio.Event()  # replaced after each answer or departure
 
     async def start(self, address: str) -> None:
         if address.startswith("unix:"):
@@ -119,9 +145,36 @@ class BrokerServer:
         for w in self._writers.values():
             w.write(msg)
 
-    def push_reload(self) -> None:
+    def push_reload(self) -> int:
+        """Tell every member to reread the state dir, waiting for no one (a change that came
+        from another router pod: no admin call waits here); its sequence number."""
+        self._reload_seq += 1
+        msg = _line({"op": "reload", "seq": self._reload_seq})
         for w in self._writers.values():
-            w.write(_line({"op": "reload"}))
+            w.write(msg)
+        return self._reload_seq
+
+    async def reload(self, timeout_s: float = RELOAD_TIMEOUT_S) -> None:
+        """Tell every member to reread the state dir; return once every live one confirmed.
+        ReloadUnconfirmed if some did not within `timeout_s` (or failed to apply it)."""
+        seq = self.push_reload()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._waiting_for(seq):
+                    await self._answered.wait()
+        except TimeoutError:
+            pass
+        missing = [m for m in self._writers if self._confirmed.get(m, 0) < seq]
+        if missing:
+            raise ReloadUnconfirmed(len(missing), len(self._writers), timeout_s)
+
+    def _waiting_for(self, seq: int) -> list[str]:
+        return [m for m in self._writers
+                if self._confirmed.get(m, 0) < seq and self._refused.get(m, 0) < seq]
+
+    def _wake_reload_waiters(self) -> None:
+        self._answered.set()
+        self._answered = asyncio.Event()
 
     def totals(self, service: str) -> dict[str, int]:
         """busy and queued summed over live members (what the autoscaler reads)."""
@@ -163,8 +216,12 @@ class BrokerServer:
             pending = self._leaving.pop(member, None)
             if pending is not None:
                 pending.cancel()
+            # A new connection (maybe a restarted process) has confirmed nothing yet.
+            self._confirmed.pop(member, None)
+            self._refused.pop(member, None)
             for service, addrs in self._replicas.items():
                 writer.write(_line({"op": "replicas", "service": service, "addrs": addrs}))
+            writer.write(_line({"op": "reload", "seq": self._reload_seq}))
             async for raw in reader:
                 self._handle(member, orjson.loads(raw))
         except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as e:
@@ -174,6 +231,7 @@ class BrokerServer:
                 del self._writers[member]
                 loop = asyncio.get_running_loop()
                 self._leaving[member] = loop.call_later(self.grace_s, self._leave, member)
+                self._wake_reload_waiters()  # a reload no longer waits for this one
             writer.close()
 
     def _handle(self, member: str, msg: dict[str, Any]) -> None:
@@ -195,6 +253,11 @@ class BrokerServer:
         elif op == "released":
             self._send(self.broker.released(member, msg["service"], msg["replica"],
                                             int(msg["slots"])))
+        elif op == "reloaded":
+            seq = int(msg["seq"])
+            answers = self._confirmed if msg.get("ok", True) else self._refused
+            answers[member] = max(answers.get(member, 0), seq)
+            self._wake_reload_waiters()
 
     def metrics(self, service: str) -> ServiceMetrics:
         """A service's counters summed over its members, past and present."""
@@ -241,6 +304,9 @@ class SlotMember:
         self._lowered: dict[tuple[str, str], int] = {}  # (service, addr) -> slots to fit under
         self.connected = asyncio.Event()
         self.joined = False  # has joined a broker once (before that it holds no slots)
+        # Set once the broker's first "reload" (sent after hello) is applied: the state dir and
+        # replica sets are the supervisor's current ones.
+        self.synced = asyncio.Event()
 
     # ---- hooks from the scoring path -------------------------------------------------------
 
@@ -389,5 +455,15 @@ class SlotMember:
                 self.replica_released(svc, replica)  # at once if it already fits
         elif op == "replicas" and self._on_replicas is not None:
             self._on_replicas(msg["service"], [str(a) for a in msg["addrs"]])
-        elif op == "reload" and self._on_reload is not None:
-            self._on_reload()
+        elif op == "reload":
+            ok = True
+            if self._on_reload is not None:
+                try:
+                    self._on_reload()
+                except (OSError, ValueError) as e:
+                    # The supervisor hears of it; this worker keeps its previous state. Only the
+                    # error's kind: a config error's message may quote a key.
+                    log.error("reloading the state dir failed (%s)", type(e).__name__)
+                    ok = False
+            self._write({"op": "reloaded", "seq": int(msg["seq"]), "ok": ok})
+            self.synced.set()

@@ -112,10 +112,8 @@ def test_autoscale_quick(tmp_path: Path) -> None:
         assert 0 <= decision <= 2.5, out  # within a 1 s refresh (plus a sample)
         assert cell("desired at its highest in the step") >= 3, out
         assert cell("step -> first added replica serving (ready rises)") >= decision, out
-        assert 0 <= cell("503 share in the step") <= 100, out
         # A 2 s scale-down window in --quick: down to the minimum well inside the 5 s drop.
         assert 0 < cell("drop -> desired at the minimum (1)") <= 5, out
-        assert cell("square wave: direction changes of desired") >= 0, out
         assert cell("requests neither 200 nor 503") == 0, (policy, out)
     # 3 replicas needed: the demand policy asks for 3 or 4, never the maximum's overshoot.
     assert number(rows["desired at its highest in the step"][1]) <= 4, out
@@ -133,10 +131,25 @@ def test_autoscale_quick(tmp_path: Path) -> None:
     assert 1 <= number(rows["last request -> no replica"][1]) <= 10, out
     assert len(list(tmp_path.glob("autoscale-*.png"))) == 1
     data = json.loads(next(tmp_path.glob("autoscale-*.json")).read_text())
-    for policy in ("demand", "azureml"):
-        samples = data["runs"][policy]["samples"]
+    phases_at = {p["name"]: (p["start"], p["end"]) for p in data["phases"]}
+    for col, policy in ((1, "demand"), (2, "azureml")):
+        run = data["runs"][policy]
+        samples = run["samples"]
         assert len(samples) > 50  # every 100 ms
         assert {"replicas", "desired", "current", "busy", "queued"} <= set(samples[0])
+        # The 503 share of the step, as the raw records have it: one replica at first, for
+        # load that needs three, so some are refused (and not all).
+        start, end = phases_at["step"]
+        step = [r[2] for r in run["records"]["rows"] if start <= r[0] < end]
+        share = 100 * step.count(503) / len(step)
+        # (abs=1: the JSON's times are rounded, so a request at the step's very end may move out)
+        assert number(rows["503 share in the step"][col]) == pytest.approx(share, abs=1.0), out
+        assert 0 <= share < 100, out
+        # The square wave's reversals of desired, from the samples.
+        start, end = phases_at["square"]
+        wave = [x["desired"] for x in samples if start <= x["t"] < end and "desired" in x]
+        reversals, _, _ = direction_changes(wave)
+        assert number(rows["square wave: direction changes of desired"][col]) == reversals, out
     assert data["scale_to_zero"]["status"] == 200
 
 
@@ -149,8 +162,10 @@ def test_overload_quick(tmp_path: Path) -> None:
         assert ok > 20 and refused > 20, out  # 2x capacity: about half each
         assert other == 0, out
         assert number(cells[14]) == 100, out  # every 503 carries Retry-After
-        rss = [float(x) for x in cells[15].split("/")]
-        assert all(x > 0 for x in rss), out
+        # The router's RSS in MiB before / at most / after: a Python router's size (a wrong
+        # process or a unit slip would not be), the most at least each end.
+        before, most, after = (float(x) for x in cells[15].split("/"))
+        assert 10 < before <= most < 1024 and after <= most, out
     deadline, full = rows["deadline"], rows["queue-full"]
     # Refused at the queue deadline (max_request_wait_time 500 ms) ...
     assert 450 <= number(deadline[8]) <= 800, out
@@ -167,13 +182,22 @@ async def test_open_loop_load_keeps_its_schedule_and_survives_closed_keepalive()
 
     from benchmarks.common import LoadRecord, open_loop_load
 
+    in_flight = most = 0
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal in_flight, most
         try:
             while True:
                 async with asyncio.timeout(0.3):
                     head = await reader.readuntil(b"\r\n\r\n")
                 length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
                 await reader.readexactly(length)
+                in_flight += 1
+                most = max(most, in_flight)
+                try:
+                    await asyncio.sleep(0.1)  # the service time: 5 requests overlap at 50/s
+                finally:
+                    in_flight -= 1
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -193,12 +217,15 @@ async def test_open_loop_load_keeps_its_schedule_and_survives_closed_keepalive()
     assert scheduled == len(records)
     assert 19 <= scheduled <= 22  # 50 req/s for 2 x 0.2 s
     assert [r[2] for r in records] == [200] * scheduled
+    # Open loop: the next request goes on its schedule without waiting for the answers before
+    # it, so requests overlap at the server (a closed loop would show one at a time).
+    assert most >= 3, most
     assert max(r[1] for r in records) < 0.5
     starts = sorted(r[0] for r in records)
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert starts[0] == 0.0
     assert sorted(gaps)[-1] > 0.55  # the pause, long enough for the server to close them
-    assert all(abs(g - 0.02) < 1e-6 for g in sorted(gaps)[:-1])  # on schedule, 20 ms apart
+    assert all(abs(g - 0.02) < 1e-6 for g in sorted(gaps)[:-1])  # scheduled 20 ms apart
 
 
 def test_sidecar_quick(tmp_path: Path) -> None:
