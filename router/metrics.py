@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -25,6 +25,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from mlfe.stats import StatsSource
+
+if TYPE_CHECKING:
+    from router.accesslog import AccessLog
 
 # Seconds. Scoring latency spans sub-millisecond to a minute (scoring_timeout_ms).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -240,3 +243,13 @@ class RouterProcessCollector(Collector):
         yield CounterMetricFamily("mlfe_router_cpu_seconds",
                                   "CPU time (user + system) used by the router's own processes.",
                                   value=self._cpu_seconds())
+
+
+def access_log_metric(access_log: AccessLog) -> Metric:
+    """Access log lines dropped because stdout did not keep up (the loop never waits for it)."""
+    fam = CounterMetricFamily(
+        "mlfe_access_log_lines", "Access log lines, by result (dropped: stdout fell behind).",
+        labels=["result"])
+    fam.add_metric(["written"], access_log.written)
+    fam.add_metric(["dropped"], access_log.dropped)
+    return fam

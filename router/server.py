@@ -26,7 +26,7 @@ from router.auth import Credentials, KeyAuth, NoAuth
 from router.datacollect import DataCollector
 from router.http_server import HttpServerProtocol, Limits
 from router.keystore import KEYS_FILE, KeyStore
-from router.metrics import RouterCollector, ServiceMetrics
+from router.metrics import RouterCollector, ServiceMetrics, access_log_metric
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service, ServiceLinks
@@ -363,7 +363,7 @@ class Router:
             "mlfe_datacollection_records", "Model data records, by result.", labels=["result"])
         fam.add_metric(["written"], self.collector.written)
         fam.add_metric(["dropped"], self.collector.dropped)
-        return [fam]
+        return [fam, access_log_metric(self.handler.access_log)]
 
     async def start(self, listen: bool = True) -> None:
         """Build the services; listen on the scoring port unless worker processes do."""
@@ -445,6 +445,8 @@ class Router:
         await self.tokens.aclose()
         await self.collector.stop()  # every queued record is written
         self.handler.access_log.flush()
+        # Bounded: a stalled stdout must not hold up the shutdown.
+        await asyncio.to_thread(self.handler.access_log.drain)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
