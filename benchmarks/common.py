@@ -142,11 +142,14 @@ class Processes:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path = REPO,
+        stdout_path: Path | None = None,
     ) -> Child:
+        """Start `argv`; its stdout and stderr go to `<name>.log`, or its stdout alone to
+        `stdout_path` when given (e.g. mlfe's access log, kept out of the readable log)."""
         log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "ab") as log:
+        with open(log_path, "ab") as log, open(stdout_path or log_path, "ab") as out:
             try:
-                proc = self._popen(argv, log, env, cwd)
+                proc = self._popen(argv, log, env, cwd, out)
             except OSError as e:
                 raise BenchmarkError(f"cannot start {name} ({' '.join(argv)}): {e}") from e
         child = Child(name, proc, log_path)
@@ -155,13 +158,14 @@ class Processes:
 
     @staticmethod
     def _popen(
-        argv: Sequence[str], log: IO[bytes], env: Mapping[str, str] | None, cwd: Path
+        argv: Sequence[str], log: IO[bytes], env: Mapping[str, str] | None, cwd: Path,
+        out: IO[bytes] | None = None,
     ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=out or log,
+            stderr=log,
             cwd=cwd,
             env=dict(env) if env is not None else None,
             # Its own process group: a terminal's Ctrl-C reaches only us, and we end the
@@ -473,10 +477,13 @@ def start_nginx(
 
 
 def nginx_worker_pids(master: Child) -> list[int]:
-    workers = child_pids(master.pid)
-    if not workers:
-        raise BenchmarkError(f"{master.name}: no worker processes found\n{master.describe()}")
-    return workers
+    """The master's workers (it forks them after it starts listening: wait for them)."""
+    try:
+        wait_until(lambda: bool(child_pids(master.pid)), f"{master.name}'s workers", [master],
+                   deadline_s=5.0)
+    except BenchmarkError as e:
+        raise BenchmarkError(f"{master.name}: no worker processes found\n{e}") from None
+    return child_pids(master.pid)
 
 
 # --- wrk ---------------------------------------------------------------------------------------

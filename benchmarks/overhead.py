@@ -85,10 +85,14 @@ UPSTREAM_KINDS = {
     "nginx": "nginx `return 200` (the fastest possible replica)",
     "python": "mlfe score-server, examples/echo/score.py (aiohttp, no-op run())",
 }
-PATHS = ("direct", "nginx", "mlfe")
+PATHS = ("direct", "nginx", "bare", "mlfe", "mlfe+log")
+MLFE_PATHS = ("mlfe", "mlfe+log")
 ISSUE_TARGET = 0.6  # one mlfe worker at c=32, x nginx's proxied req/s
 FOUNDATION_TARGET = 0.5
 TARGET_CONCURRENCY = 32
+CPU_TARGET = 1.3  # mlfe+log's CPU per request over the bare proxy's
+ADDED_P50_SLACK_MS = 0.03  # mlfe's added p50 at c=1 over the bare proxy's
+P99_TARGET = 1.5  # mlfe+log's p99 at c=128 over nginx's
 
 
 @dataclass(frozen=True)
@@ -222,18 +226,19 @@ def start_upstream(
 
 
 def mlfe_config(
-    tmp: Path, listen_port: int, upstream_port: int, admin_port: int | None = None
+    tmp: Path, listen_port: int, upstream_port: int, admin_port: int | None = None,
+    access_log: bool = False, name: str = "mlfe",
 ) -> dict[str, Any]:
     return {
         "router": {
             "listen": f"127.0.0.1:{listen_port}",
             "admin_listen": f"127.0.0.1:{free_port() if admin_port is None else admin_port}",
-            "state_dir": str(tmp / "mlfe-state"),
+            "state_dir": str(tmp / f"{name}-state"),
             # One router worker: no router self-scaling (what the target is stated for).
             "cluster_purpose": "DevTest",
-            # Like for like: the nginx it is compared with runs with `access_log off`. The log's
-            # own cost is in benchmarks/README.md (a few µs per request).
-            "access_log": False,
+            # `mlfe` runs like nginx (`access_log off`); `mlfe+log` with the log on, as
+            # mlfe runs by default, its stdout to a file.
+            "access_log": access_log,
         },
         "services": {
             SERVICE: {
@@ -246,6 +251,10 @@ def mlfe_config(
             }
         },
     }
+
+
+def _pids(pid: int) -> Callable[[], list[int]]:
+    return lambda: [pid]
 
 
 def start_targets(
@@ -263,18 +272,31 @@ def start_targets(
     wait_until(accepts_connections(proxy_port), "the proxy nginx to accept connections", [proxy])
     nginx_workers = nginx_worker_pids(proxy)
 
-    mlfe_port = free_port()
-    cfg_path = tmp / f"mlfe-{kind}.yaml"
-    cfg_path.write_text(yaml.safe_dump(mlfe_config(tmp, mlfe_port, upstream_port)))
-    router = procs.start("mlfe-serve", mlfe_argv("serve", "--config", str(cfg_path)),
-                         env=child_env())
-    wait_until(answers_200(mlfe_port, "/-/healthy"), "mlfe serve: GET /-/healthy", [router])
+    bare_port = free_port()
+    bare = procs.start(
+        "bare-proxy",
+        [sys.executable, "-m", "benchmarks.bareproxy", "--port", str(bare_port),
+         "--upstream", f"127.0.0.1:{upstream_port}", "--path", REPLICA_PATH],
+        env=child_env(),
+    )
+    wait_until(accepts_connections(bare_port), "the bare proxy to accept connections", [bare])
 
-    return [
+    targets = [
         direct,
         Target("nginx", proxy_port, SCORE_PATH, lambda: nginx_workers),
-        Target("mlfe", mlfe_port, SCORE_PATH, lambda: [router.pid]),
+        Target("bare", bare_port, SCORE_PATH, lambda: [bare.pid]),
     ]
+    for path in MLFE_PATHS:
+        name = path.replace("+", "-")
+        port = free_port()
+        cfg_path = tmp / f"{name}-{kind}.yaml"
+        cfg_path.write_text(yaml.safe_dump(
+            mlfe_config(tmp, port, upstream_port, access_log=path == "mlfe+log", name=name)))
+        router = procs.start(name, mlfe_argv("serve", "--config", str(cfg_path)),
+                             env=child_env(), stdout_path=tmp / f"{name}.access.log")
+        wait_until(answers_200(port, "/-/healthy"), f"{path} serve: GET /-/healthy", [router])
+        targets.append(Target(path, port, SCORE_PATH, _pids(router.pid)))
+    return targets
 
 
 def check_answer(target: Target, body: bytes, children: Sequence[Child]) -> None:
@@ -443,6 +465,7 @@ class Row:
     cpu_ms_per_1k: float | None
     others_max: float  # cores' worth of CPU others used during the row's noisiest run
     x_nginx: float | None = None
+    x_bare_cpu: float | None = None
     added_p50_ms: float | None = None
     added_p99_ms: float | None = None
 
@@ -477,8 +500,10 @@ def summarise(runs: Sequence[Run], settings: Settings) -> list[Row]:
                     cpu_ms_per_1k=median(cpu),
                     others_max=max(others_load(r) for r in mine),
                 )
-            nginx_row, direct = group.get("nginx"), group.get("direct")
+            nginx_row, direct, bare = group.get("nginx"), group.get("direct"), group.get("bare")
             for row in group.values():
+                if bare and bare.cpu_ms_per_1k and row.cpu_ms_per_1k is not None:
+                    row.x_bare_cpu = row.cpu_ms_per_1k / bare.cpu_ms_per_1k
                 if nginx_row and nginx_row.rps and row.rps is not None:
                     row.x_nginx = row.rps / nginx_row.rps
                 if row.path != "direct" and direct:
@@ -491,8 +516,8 @@ def summarise(runs: Sequence[Run], settings: Settings) -> list[Row]:
 
 
 TABLE_HEADERS = ("path", "c", "req/s", "p50 ms", "p99 ms", "x nginx", "+p50 ms", "+p99 ms",
-                 "proxy CPU ms/1k req", "others' CPU", "errors")
-TABLE_ALIGN = ("l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "l")
+                 "proxy CPU µs/req", "x bare CPU", "others' CPU", "errors")
+TABLE_ALIGN = ("l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "l")
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -512,28 +537,46 @@ def table(rows: Sequence[Row]) -> str:
             fmt_num(r.added_p50_ms, 3, signed=True),
             fmt_num(r.added_p99_ms, 3, signed=True),
             fmt_num(r.cpu_ms_per_1k, 1),
+            fmt_num(r.x_bare_cpu, 2),
             f"{r.others_max:.0%}",
             errors,
         ])
     return markdown_table(TABLE_HEADERS, cells, TABLE_ALIGN)  # type: ignore[arg-type]
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def verdicts(rows: Sequence[Row]) -> list[str]:
+    """The issue's goals, per upstream, for each mlfe path (log off and on)."""
     lines = []
-    for r in rows:
-        if r.path != "mlfe" or r.concurrency != TARGET_CONCURRENCY:
-            continue
-        if r.x_nginx is None:
-            lines.append(f"- upstream {r.upstream}: mlfe at c={TARGET_CONCURRENCY}: no valid "
-                         "number, target not checked")
-            continue
-        issue = "met" if r.x_nginx >= ISSUE_TARGET else "NOT met"
-        found = "met" if r.x_nginx >= FOUNDATION_TARGET else "NOT met"
-        lines.append(
-            f"- upstream {r.upstream}: mlfe at c={TARGET_CONCURRENCY} = {r.x_nginx:.2f}x nginx "
-            f"(issue target >= {ISSUE_TARGET}x: {issue}; foundation >= {FOUNDATION_TARGET}x: "
-            f"{found})"
-        )
+    by = {(r.upstream, r.path, r.concurrency): r for r in rows}
+    for upstream in dict.fromkeys(r.upstream for r in rows):
+        for path in MLFE_PATHS:
+            checks: list[str] = []
+            r = by.get((upstream, path, TARGET_CONCURRENCY))
+            if r is not None and r.x_nginx is not None:
+                checks.append(f"c={TARGET_CONCURRENCY} req/s {r.x_nginx:.2f}x nginx (>= "
+                              f"{ISSUE_TARGET}: {_met(r.x_nginx >= ISSUE_TARGET)})")
+            if r is not None and r.x_bare_cpu is not None:
+                checks.append(f"c={TARGET_CONCURRENCY} CPU/req {r.x_bare_cpu:.2f}x bare (<= "
+                              f"{CPU_TARGET}: {_met(r.x_bare_cpu <= CPU_TARGET)})")
+            r1, b1 = by.get((upstream, path, 1)), by.get((upstream, "bare", 1))
+            if (r1 is not None and b1 is not None and r1.added_p50_ms is not None
+                    and b1.added_p50_ms is not None):
+                over = r1.added_p50_ms - b1.added_p50_ms
+                checks.append(f"c=1 added p50 {r1.added_p50_ms:+.3f} ms, bare's "
+                              f"{over:+.3f} ms (<= +{ADDED_P50_SLACK_MS}: "
+                              f"{_met(over <= ADDED_P50_SLACK_MS + 1e-9)})")
+            r128, n128 = by.get((upstream, path, 128)), by.get((upstream, "nginx", 128))
+            if (r128 is not None and n128 is not None and r128.p99_ms is not None
+                    and n128.p99_ms):
+                x = r128.p99_ms / n128.p99_ms
+                checks.append(f"c=128 p99 {x:.2f}x nginx (<= {P99_TARGET}: "
+                              f"{_met(x <= P99_TARGET)})")
+            if checks:
+                lines.append(f"- upstream {upstream}, {path}: " + "; ".join(checks))
     return lines
 
 
@@ -555,12 +598,14 @@ def report(
         out += [f"### Upstream: {UPSTREAM_KINDS[kind]}", "", table(mine), ""]
     out += [
         "x nginx: req/s over nginx's at the same c. +p50/+p99: over direct. Proxy CPU: utime +",
-        "stime of nginx's worker or mlfe's serve process per 1,000 requests. Others' CPU: what",
+        "stime of nginx's worker, the bare proxy's or mlfe's serve process per request; x bare",
+        "CPU: that over the bare proxy's in the same rounds. Others' CPU: what",
         "processes outside the measurement used during the row's noisiest counted run (% of one",
         "core; high values mean the row is disturbed by other load on the machine).",
         "",
     ]
-    out += ["Targets (one mlfe worker, x nginx's proxied req/s):", *verdicts(rows)]
+    out += ["Goals (one mlfe worker; a bare Protocol + httptools proxy is the reference):",
+            *verdicts(rows)]
     return "\n".join(out)
 
 

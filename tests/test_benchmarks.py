@@ -22,6 +22,7 @@ from benchmarks.common import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+PATHS = ("direct", "nginx", "bare", "mlfe", "mlfe+log")
 
 WRK_REPORT = """\
 Running 5s test @ http://127.0.0.1:8080/api/v1/service/bench/score
@@ -104,16 +105,19 @@ def test_overhead_quick_prints_a_table(tmp_path: Path) -> None:
     rows: dict[str, list[float]] = {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3 and cells[0] in ("direct", "nginx", "mlfe"):
+        if len(cells) >= 10 and cells[0] in PATHS:
             rows.setdefault(cells[0], []).append(float(cells[2].replace(",", "")))
-    assert set(rows) == {"direct", "nginx", "mlfe"}, proc.stdout
+            if cells[0] in ("bare", "mlfe", "mlfe+log"):  # CPU per request, and over bare's
+                assert float(cells[8]) > 0 and float(cells[9]) > 0, proc.stdout
+    assert set(rows) == set(PATHS), proc.stdout
     for path, rps in rows.items():
         assert len(rps) == 2, (path, proc.stdout)  # c=1 and c=32
         assert all(v > 0 for v in rps), (path, proc.stdout)
+    assert "upstream nginx, mlfe+log: c=32 req/s" in proc.stdout
 
     results = list(tmp_path.glob("overhead-*.json"))
     assert len(results) == 1
     data = json.loads(results[0].read_text())
     assert data["machine"]["nproc"] >= 1
-    assert {r["path"] for r in data["runs"]} == {"direct", "nginx", "mlfe"}
+    assert {r["path"] for r in data["runs"]} == set(PATHS)
     assert all(r["valid"] for r in data["runs"])
