@@ -253,3 +253,16 @@ def access_log_metric(access_log: AccessLog) -> Metric:
     fam.add_metric(["written"], access_log.written)
     fam.add_metric(["dropped"], access_log.dropped)
     return fam
+
+
+def loop_tasks_metric() -> Metric:
+    """asyncio Tasks alive on the router's loop (read at scrape time, on the loop): a number
+    that keeps growing under steady load is a leak."""
+    import asyncio
+
+    fam = GaugeMetricFamily("mlfe_event_loop_tasks", "asyncio Tasks alive on the router's loop.")
+    try:
+        fam.add_metric([], len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside the loop (no running loop): no number to give
+        pass
+    return fam

@@ -26,7 +26,12 @@ from router.auth import Credentials, KeyAuth, NoAuth
 from router.datacollect import DataCollector
 from router.http_server import HttpServerProtocol, Limits
 from router.keystore import KEYS_FILE, KeyStore
-from router.metrics import RouterCollector, ServiceMetrics, access_log_metric
+from router.metrics import (
+    RouterCollector,
+    ServiceMetrics,
+    access_log_metric,
+    loop_tasks_metric,
+)
 from router.proxy import ScoringHandler
 from router.routing import build_routes
 from router.services import Endpoint, Service, ServiceLinks
@@ -363,7 +368,7 @@ class Router:
             "mlfe_datacollection_records", "Model data records, by result.", labels=["result"])
         fam.add_metric(["written"], self.collector.written)
         fam.add_metric(["dropped"], self.collector.dropped)
-        return [fam, access_log_metric(self.handler.access_log)]
+        return [fam, access_log_metric(self.handler.access_log), loop_tasks_metric()]
 
     async def start(self, listen: bool = True) -> None:
         """Build the services; listen on the scoring port unless worker processes do."""

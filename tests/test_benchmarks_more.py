@@ -237,3 +237,28 @@ def test_sidecar_quick(tmp_path: Path) -> None:
         rss, rps, cpu = float(cells[1]), float(cells[2].replace(",", "")), float(cells[3])
         assert rss > 0 and rps > 0 and cpu > 0 and cells[4] == "0"
     assert list(tmp_path.glob("sidecar-*.json"))
+
+
+def test_soak_quick(tmp_path: Path) -> None:
+    """A few seconds of the soak: every kind of answer happens, the samples and the plot are
+    there. (The verdicts are printed, not held against a run this short.)"""
+    out = run_quick("soak", tmp_path)
+    data = json.loads(next(tmp_path.glob("soak-*.json")).read_text())
+    statuses: dict[str, int] = {}
+    for chunk in data["chunks"]:
+        for status, n in chunk["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + n
+        assert not any(chunk["socket_errors"].values()), out
+    assert {"200", "401", "413"} <= set(statuses), out
+    assert statuses["200"] > statuses["401"] > statuses["413"] > 0, out
+    slow = [status for _, _, status in data["slow"]]
+    assert slow and 504 in slow and 0 not in slow, out  # the slow model: timed out, answered
+    assert data["aborts"]["mid_body"] > 0 and data["aborts"]["awaiting_answer"] > 0, out
+    assert len(data["samples"]) >= 10, out
+    assert all(s["rss_kib"] > 0 and s["fds"] > 0 and s["tasks"] > 0 for s in data["samples"])
+    assert data["replica_stats"]["maxRunning"] >= 1, out
+    names = {v["name"] for v in data["verdicts"]}
+    assert {"RSS flat", "fds flat", "Tasks flat", "slow model answered by its deadline",
+            "replica concurrency within its cap"} <= names, out
+    assert "replica concurrency within its cap" in out and "Verdicts (--quick" in out
+    assert len(list(tmp_path.glob("soak-*.png"))) == 1
