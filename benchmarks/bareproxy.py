@@ -36,6 +36,7 @@ class Upstream(asyncio.Protocol):
         self.client: Client | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.done = False
+        self.keep_alive = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -55,13 +56,15 @@ class Upstream(asyncio.Protocol):
         if self.done:
             self.done = False
             self.client = None
-            keep = self.parser.should_keep_alive()
             client.response_done()
-            if keep:
-                self.parser = httptools.HttpResponseParser(self)
-                self.pool.append(self)
+            if self.keep_alive:
+                self.pool.append(self)  # (the parser goes on to the next response by itself)
             else:
                 self._drop()
+
+    def on_headers_complete(self) -> None:
+        # Asked here: once the message is complete the parser has moved on to the next one.
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -121,8 +124,10 @@ class Client(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
-    def on_message_complete(self) -> None:
+    def on_headers_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
         body = b"".join(self.body)
         if self.chunked:
             framing = b"transfer-encoding: chunked\r\n\r\n"

@@ -259,10 +259,10 @@ def loop_tasks_metric() -> Metric:
     """asyncio Tasks alive on the router's loop (read at scrape time, on the loop): a number
     that keeps growing under steady load is a leak."""
     import asyncio
+    import contextlib
 
     fam = GaugeMetricFamily("mlfe_event_loop_tasks", "asyncio Tasks alive on the router's loop.")
-    try:
+    # Scraped outside a running loop (no loop to ask): no number to give.
+    with contextlib.suppress(RuntimeError):
         fam.add_metric([], len(asyncio.all_tasks()))
-    except RuntimeError:  # scraped outside the loop (no running loop): no number to give
-        pass
     return fam
