@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # venv's packages back); tests run Microsoft's azmlinfsrv from it (MLFE_AZMLINFSRV_PYTHON).
 AZUREML_VENV ?= .venv-azureml
 
-.PHONY: setup up test lint typecheck bench clean
+.PHONY: setup up test lint typecheck bench clean compile uncompile test-compiled
 
 setup: $(VENV)/.installed $(AZUREML_VENV)/.installed
 
@@ -35,11 +35,29 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck uncompile
 	$(BIN)/pytest
+	$(MAKE) test-compiled
+
+# The scoring path compiled with mypyc, in place (.so beside the .py; Python prefers them).
+# `make uncompile` goes back to pure Python. setup.py lists the modules.
+compile: setup
+	MLFE_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace
+
+uncompile:
+	rm -f router/*.so *__mypyc*.so
+
+# The tests of the scoring path once more, against the compiled build; then pure again. (The
+# whole suite runs on pure Python; these are the ones that drive the compiled modules.)
+COMPILED_TESTS := tests/test_build.py tests/test_http_protocol.py tests/test_scoring.py \
+	tests/test_accesslog.py tests/test_requestid.py tests/test_observability.py \
+	tests/test_endpoints.py tests/test_token_auth.py tests/test_benchmarks.py
+test-compiled: compile
+	MLFE_EXPECT_COMPILED=1 $(BIN)/pytest $(COMPILED_TESTS); status=$$?; \
+	$(MAKE) uncompile; exit $$status
 
 bench: setup
 	$(BIN)/python -m benchmarks.overhead
 
-clean:
-	rm -rf $(VENV) $(AZUREML_VENV) .mlfe .pytest_cache .mypy_cache .ruff_cache
+clean: uncompile
+	rm -rf $(VENV) $(AZUREML_VENV) .mlfe .pytest_cache .mypy_cache .ruff_cache build

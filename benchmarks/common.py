@@ -629,6 +629,13 @@ def lua_body(script: Path = POST_LUA) -> bytes:
     return m.group(1).encode()
 
 
+def mlfe_build() -> str:
+    """Which build of the scoring path `mlfe serve` runs here: `make compile` leaves mypyc's
+    extension modules beside the sources, and Python prefers them."""
+    compiled = sorted(p.name.split(".")[0] for p in REPO.glob("router/*.so"))
+    return f"mypyc-compiled ({', '.join(compiled)})" if compiled else "pure Python"
+
+
 # --- output ------------------------------------------------------------------------------------
 
 

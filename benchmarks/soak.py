@@ -64,6 +64,7 @@ from benchmarks.common import (
     machine_info,
     markdown_table,
     median,
+    mlfe_build,
     percentile,
     rss_kib,
     run_record,
@@ -516,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(soak, s, png)
     dropped = soak.metrics.get('mlfe_access_log_lines_total{result="dropped"}', 0)
     print("\n".join([
-        f"Machine: {machine['cpu_model']}, {machine['nproc']} cores, Python {machine['python']}",
+        f"Machine: {machine['cpu_model']}, {machine['nproc']} cores, Python {machine['python']}"
+        f"; mlfe build: {mlfe_build()}",
         f"Soak: {s.duration_s:.0f} s; fast: wrk c={s.connections} in {s.chunk_s} s chunks; "
         f"slow: {s.slow_clients} clients, model {s.slow_ms} ms vs scoring_timeout_ms "
         f"{TIMEOUT_MS}, cap {CAP}; aborts {s.abort_rate:g}/s",
@@ -540,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(s.results_dir / f"soak-{stamp}.json", {
         **run_record("soak", started, argv, s.to_json()),
         "machine": machine,
+        "mlfe_build": mlfe_build(),
         "mlfe_config": {**cfg, "note": "ports and state_dir are chosen per run"},
         "chunks": [c.__dict__ for c in soak.chunks],
         "samples": [x.__dict__ for x in soak.samples],

@@ -88,10 +88,11 @@ class _Writer(threading.Thread):
                 while not self._chunks:
                     self._cond.wait()
                 chunk = self._chunks.popleft()
-            view = memoryview(chunk)
+            done = 0
             try:
-                while view:
-                    view = view[os.write(self._fd, view):]
+                while done < len(chunk):
+                    # (Not `view = view[os.write(...):]`: mypyc evaluates that write twice.)
+                    done += os.write(self._fd, chunk[done:] if done else chunk)
             except OSError:
                 with self._cond:  # stdout is gone (EPIPE, closed): stop and drop from now on
                     self.failed = True
