@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
-import httpx
 import jwt
 import orjson
 from cryptography.hazmat.primitives import serialization
@@ -408,6 +407,10 @@ class ExternalJwks:
         return redact_urls_in(str(e) or type(e).__name__)
 
     async def _fetch(self) -> Any:
+        # Imported here: only routers with a jwks_url issuer need it, and httpx brings several
+        # MiB of modules (rich, pygments, click) into every router's RSS.
+        import httpx
+
         assert self.jwks_url is not None
         async with (
             httpx.AsyncClient(timeout=self._http_timeout_s, follow_redirects=True) as client,
