@@ -402,7 +402,7 @@ def progress(run: Run, settings: Settings) -> str:
         f" ms  p99 {fmt_num(r.percentiles_ms.get('99'), 3)} ms"
     )
     if run.proxy_cpu_ms_per_1k is not None:
-        line += f"  cpu {fmt_num(run.proxy_cpu_ms_per_1k, 1)} ms/1k"
+        line += f"  cpu {fmt_num(run.proxy_cpu_ms_per_1k, 1)} µs/req"
     line += f"  others {others_load(run):.0%} of a core"
     if not r.valid:
         line += f"  INVALID: {r.error_summary()}"
@@ -567,8 +567,8 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
             if (r1 is not None and b1 is not None and r1.added_p50_ms is not None
                     and b1.added_p50_ms is not None):
                 over = r1.added_p50_ms - b1.added_p50_ms
-                checks.append(f"c=1 added p50 {r1.added_p50_ms:+.3f} ms, bare's "
-                              f"{over:+.3f} ms (<= +{ADDED_P50_SLACK_MS}: "
+                checks.append(f"c=1 added p50 {r1.added_p50_ms:+.3f} ms, {over:+.3f} ms over "
+                              f"bare's (<= +{ADDED_P50_SLACK_MS}: "
                               f"{_met(over <= ADDED_P50_SLACK_MS + 1e-9)})")
             r128, n128 = by.get((upstream, path, 128)), by.get((upstream, "nginx", 128))
             if (r128 is not None and n128 is not None and r128.p99_ms is not None
