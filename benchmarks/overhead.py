@@ -587,7 +587,7 @@ def report(
     out = [
         f"Machine: {machine['cpu_model']}, {machine['nproc']} cores, Python {machine['python']}, "
         f"{machine['tools'].get('nginx', 'nginx')}, {machine['tools'].get('wrk', 'wrk')}",
-        f"mlfe build: {mlfe_build()}",
+        f"mlfe build: {machine['mlfe_build']}",
         f"Settings: {settings.rounds} round(s) x {settings.duration_s} s per run, "
         f"medians; wrk threads 1 at c=1, 2 otherwise; POST {SCORE_PATH}, 44-byte JSON body; "
         f"runs wait up to {settings.quiet_wait_s:g} s for other load <= "
@@ -678,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupt_on_signals()
     started = dt.datetime.now(dt.UTC)
     machine = machine_info({"nginx": [nginx, "-v"], "wrk": [wrk, "-v"]})
+    machine["mlfe_build"] = mlfe_build()  # before the runs: the build mlfe serve loads
     digest = sources_digest()  # before the runs: the code that was started
     body = lua_body()
     runs: list[Run] = []
@@ -707,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mlfe_config": {**mlfe_config(Path("<tmp>"), 0, 0, 0),
                         "note": "ports are chosen per run; primary_key is the fixed KEY"},
         "mlfe_sources_sha256": digest,
-        "mlfe_build": mlfe_build(),
+        "mlfe_build": machine["mlfe_build"],
         "summary": [r.to_json() for r in rows],
         "runs": [r.to_json() for r in runs],
     })

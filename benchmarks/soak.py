@@ -494,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = parse_args(argv)
     interrupt_on_signals()
     started = dt.datetime.now(dt.UTC)
+    build = mlfe_build()  # before the run: the build its processes load
     try:
         soak, cfg = run(s)
     except BenchmarkError as e:
@@ -518,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dropped = soak.metrics.get('mlfe_access_log_lines_total{result="dropped"}', 0)
     print("\n".join([
         f"Machine: {machine['cpu_model']}, {machine['nproc']} cores, Python {machine['python']}"
-        f"; mlfe build: {mlfe_build()}",
+        f"; mlfe build: {build}",
         f"Soak: {s.duration_s:.0f} s; fast: wrk c={s.connections} in {s.chunk_s} s chunks; "
         f"slow: {s.slow_clients} clients, model {s.slow_ms} ms vs scoring_timeout_ms "
         f"{TIMEOUT_MS}, cap {CAP}; aborts {s.abort_rate:g}/s",
@@ -542,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(s.results_dir / f"soak-{stamp}.json", {
         **run_record("soak", started, argv, s.to_json()),
         "machine": machine,
-        "mlfe_build": mlfe_build(),
+        "mlfe_build": build,
         "mlfe_config": {**cfg, "note": "ports and state_dir are chosen per run"},
         "chunks": [c.__dict__ for c in soak.chunks],
         "samples": [x.__dict__ for x in soak.samples],
