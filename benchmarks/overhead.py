@@ -27,6 +27,7 @@ import argparse
 import datetime as dt
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -86,8 +87,11 @@ UPSTREAM_KINDS = {
     "nginx": "nginx `return 200` (the fastest possible replica)",
     "python": "mlfe score-server, examples/echo/score.py (aiohttp, no-op run())",
 }
-PATHS = ("direct", "nginx", "bare", "mlfe", "mlfe+log")
-MLFE_PATHS = ("mlfe", "mlfe+log")
+PATHS = ("direct", "nginx", "bare", "mlfe", "mlfe+log", "mlfe+log:py")
+# mlfe+log:py: the same as mlfe+log from a copy of the sources without the compiled modules;
+# run only when this checkout is compiled (make compile), to compare the two builds.
+MLFE_PATHS = ("mlfe", "mlfe+log", "mlfe+log:py")
+PURE_DIRS = ("router", "deploy", "autoscaler", "mlfe")
 ISSUE_TARGET = 0.6  # one mlfe worker at c=32, x nginx's proxied req/s
 FOUNDATION_TARGET = 0.5
 TARGET_CONCURRENCY = 32
@@ -254,6 +258,16 @@ def mlfe_config(
     }
 
 
+def pure_copy(dest: Path) -> Path:
+    """The Python sources (no compiled modules) copied to `dest`: `python -m deploy.cli` run
+    there imports them, not the checkout's .so files."""
+    if not dest.exists():
+        for d in PURE_DIRS:
+            shutil.copytree(REPO / d, dest / d,
+                            ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return dest
+
+
 def _pids(pid: int) -> Callable[[], list[int]]:
     return lambda: [pid]
 
@@ -288,13 +302,18 @@ def start_targets(
         Target("bare", bare_port, SCORE_PATH, lambda: [bare.pid]),
     ]
     for path in MLFE_PATHS:
-        name = path.replace("+", "-")
+        cwd = REPO
+        if path.endswith(":py"):
+            if mlfe_build() == "pure Python":
+                continue
+            cwd = pure_copy(tmp / "pure-src")
+        name = path.replace("+", "-").replace(":", "-")
         port = free_port()
         cfg_path = tmp / f"{name}-{kind}.yaml"
         cfg_path.write_text(yaml.safe_dump(
-            mlfe_config(tmp, port, upstream_port, access_log=path == "mlfe+log", name=name)))
+            mlfe_config(tmp, port, upstream_port, access_log="+log" in path, name=name)))
         router = procs.start(name, mlfe_argv("serve", "--config", str(cfg_path)),
-                             env=child_env(), stdout_path=tmp / f"{name}.access.log")
+                             env=child_env(), stdout_path=tmp / f"{name}.access.log", cwd=cwd)
         wait_until(answers_200(port, "/-/healthy"), f"{path} serve: GET /-/healthy", [router])
         targets.append(Target(path, port, SCORE_PATH, _pids(router.pid)))
     return targets
