@@ -45,7 +45,7 @@ compile: setup
 	MLFE_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace
 
 uncompile:
-	rm -f router/*.so *__mypyc*.so
+	rm -rf router/*.so *__mypyc*.so build
 
 # The tests of the scoring path once more, against the compiled build; then pure again. (The
 # whole suite runs on pure Python; these are the ones that drive the compiled modules.)
