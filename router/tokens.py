@@ -402,8 +402,11 @@ class ExternalJwks:
     def _failure(self, e: Exception) -> str:
         """A failed refresh, as logged: httpx names the URL it failed on (after redirects, too),
         so every URL in the message is shown redacted."""
-        if isinstance(e, httpx.HTTPStatusError):
-            return f"HTTP {e.response.status_code} from {redact_url(str(e.request.url))}"
+        if self.jwks_url is not None:
+            import httpx  # (already imported by _fetch: only a URL issuer gets httpx errors)
+
+            if isinstance(e, httpx.HTTPStatusError):
+                return f"HTTP {e.response.status_code} from {redact_url(str(e.request.url))}"
         return redact_urls_in(str(e) or type(e).__name__)
 
     async def _fetch(self) -> Any:
