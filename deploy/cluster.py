@@ -168,9 +168,7 @@ class Cluster:
             from deploy.kube.broker import BrokerCounts
 
             lease_broker = self.lease_broker
-            # busy and queued from the broker (fresh every 20 ms); arrivals and service times,
-            # which the demand policy's rates need, summed over every pod by the peer counts.
-            counts = BrokerCounts(self.peers, lambda: lease_broker.server)
+            counts = BrokerCounts(self._local_counts, lambda: lease_broker.server)
         self.autoscaler = AutoscalerLoop(counts=counts, actuator=self.target,
                                          clock=MonotonicClock(), supervisor=self._supervisor)
         self.autoscaler.set_services({n: scaling_spec(c) for n, c in self.cfg.services.items()

@@ -81,6 +81,13 @@ class ServiceMetrics:
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERRORS, 0)
 
+    def flow(self, busy: int, queued: int) -> tuple[int, int, float]:
+        """(arrivals, served, service seconds), cumulative, for the demand policy's rates
+        (mlfe/stats.py). Every admitted request is sent to a replica (then counted in
+        `upstream` when over), refused (`rejected`), or still busy or queued."""
+        served = self.upstream.count
+        return served + sum(self.rejected.values()) + busy + queued, served, self.upstream.sum
+
     def snapshot(self) -> dict[str, Any]:
         """Cumulative counters, for a worker supervisor to add up (JSON-able)."""
         return {

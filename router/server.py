@@ -207,9 +207,7 @@ class Router:
         if self._workers is not None:
             totals = self._workers.totals(service)
             busy, queued = totals["busy"], totals["queued"]
-        m = self.service_metrics(service)
-        # Every admitted request is sent to a replica (then counted in `upstream` when over),
-        # refused (`rejected`), or still busy or queued: their sum counts arrivals.
+        arrivals, served, service_seconds = self.service_metrics(service).flow(busy, queued)
         return ServiceStats(
             busy=busy,
             queued=queued,
@@ -218,9 +216,9 @@ class Router:
             slots=sum(r.cap for r in pool.replicas if r.in_rotation),
             completed=svc.completed,
             members=len(pool.replicas),
-            arrivals=m.upstream.count + sum(m.rejected.values()) + busy + queued,
-            served=m.upstream.count,
-            service_seconds=m.upstream.sum,
+            arrivals=arrivals,
+            served=served,
+            service_seconds=service_seconds,
         )
 
     def service_metrics(self, service: str) -> ServiceMetrics:

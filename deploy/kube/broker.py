@@ -54,11 +54,11 @@ def broker_named(elector: LeaderElector) -> str:
 
 
 class BrokerCounts:
-    """The leader's load counts: busy and queued summed over every router pod, as each pod's
-    slot member reports them to the broker (every 20 ms while they change, every second
-    anyway), so the autoscaler scales on the whole service; the rest of ``local``'s counts
-    (the peer counts' sums of arrivals and service times) as they are. Before the broker has any
-    member, ``local``'s counts alone."""
+    """The leader's load counts, summed over every router pod as each pod's slot member reports
+    them to the broker: busy and queued (every 20 ms while they change, every second anyway)
+    and the cumulative counters the demand policy takes its rates from (every 0.25 s), so the
+    autoscaler scales on the whole service. Before the broker has any member, this pod's own
+    counts."""
 
     def __init__(self, local: StatsSource, server: Callable[[], BrokerServer | None]) -> None:
         self._local = local
@@ -70,7 +70,10 @@ class BrokerCounts:
         if server is None or not server.members():
             return local
         totals = server.totals(service)
-        return dataclasses.replace(local, busy=totals["busy"], queued=totals["queued"])
+        busy, queued = totals["busy"], totals["queued"]
+        arrivals, served, seconds = server.metrics(service).flow(busy, queued)
+        return dataclasses.replace(local, busy=busy, queued=queued, arrivals=arrivals,
+                                   served=served, service_seconds=seconds)
 
 
 class LeaseBroker:
