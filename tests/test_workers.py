@@ -75,10 +75,13 @@ def test_two_worker_processes_keep_the_cap(tmp_path: Path) -> None:
         assert statuses.count(200) >= 100
         seen = max_seen_by_replica(results)
         assert len(seen) == 2 and max(seen.values()) == CAP, seen
-        # Refused or admitted within max_request_wait_time and a small bound.
+        # Refused within max_request_wait_time and a bound, as the client sees it: the 200
+        # connections this one client opens at once on a 2-core box (their accept, and the
+        # client's own work) add up to a second or two; the router's own waits are checked
+        # exactly below, from its access log.
         for status, secs, _ in results:
             if status == 503:
-                assert secs < WAIT_MS / 1000 + 1.0
+                assert secs < WAIT_MS / 1000 + 2.5
         waits = queue_waits_ms(router.log())
         assert len(waits) >= 200 and max(waits) < WAIT_MS + 250
         # The autoscaler's cumulative counts are the workers' sums: every request arrived, the
