@@ -273,7 +273,8 @@ def test_requests_that_expire_in_the_queue_count_as_queue_time(router: Proc, fak
         assert ask(router.port, post("routing", "mode=echo"))[0] == 503  # after 1 s in queue
         release(fake, "rt1")
         held.result()
-    assert _metric(router, "mlfe_queue_wait_seconds_sum", "routing") >= 1.0
+    # (the expiry timer runs on the loop's clock, the metric on perf_counter: a few µs apart)
+    assert _metric(router, "mlfe_queue_wait_seconds_sum", "routing") >= 0.99
     assert _metric(router, "mlfe_routing_duration_seconds_sum", "routing") < 0.5
 
 
