@@ -434,7 +434,6 @@ async def serve(settings: SidecarSettings) -> int:
     (1 when a supervised task died)."""
     from router.admin import AdminApi, MetricsApi, admin_token
     from router.server import Router
-    from router.services import grant_all
 
     cfg = settings.config
     life = ProcessLife()
@@ -447,7 +446,7 @@ async def serve(settings: SidecarSettings) -> int:
         svc = router.services[settings.service]
         for replica in svc.pool.replicas:
             if ready:
-                grant_all(svc.pool.mark_up(replica))
+                svc.mark_up(replica)
             else:
                 svc.pool.mark_down(replica)
 

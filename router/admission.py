@@ -6,9 +6,10 @@ act on what comes back. The rules are azureml's: a replica never has more than
 first in first out, for at most `max_request_wait_time`; a freed slot goes straight to the
 oldest waiter, with no polling (a freed slot that waits for a timer is capacity thrown away).
 A request that finds no replica in rotation at all waits the same way: for a replica to join or
-come back, up to `max_request_wait_time` (then "No ready replicas"); for a service that may be
-scaled to zero, `cold_start_s` (autoscale_cold_start_seconds) longer, for its first replica to
-start.
+come back, up to `max_request_wait_time` (then "No ready replicas"). In a service that may be
+scaled to zero (`cold_start_s`, autoscale_cold_start_seconds) it waits instead for the first
+replica to start, up to `cold_start_s` from its arrival; its `max_request_wait_time` is counted
+from when that replica comes into rotation (so a slow cold start does not eat it).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Waiter:
     expire: Callable[[], None]
     enqueued_at: float
     done: bool = False  # left the queue: granted, expired or cancelled
+    # Queued while the service was at zero: its deadline is the cold-start bound until the
+    # first replica comes into rotation, then that moment plus max_request_wait_time.
+    cold: bool = False
 
 
 Handoff = tuple[Waiter, Replica]
@@ -67,7 +71,8 @@ class ServicePool:
     # starts with none here until it grants some (router/coordination.py).
     coordinated: bool = False
     # A service that may be scaled to zero: with no ready replica a request waits this long
-    # more (for one to start) instead of being refused.
+    # from its arrival for one to start (then its max_wait_s from that start) instead of the
+    # max_wait_s a service with replicas gives a replica to come back.
     cold_start_s: float = 0.0
     replicas: list[Replica] = field(default_factory=list)
     _waiters: deque[Waiter] = field(default_factory=deque)
@@ -77,11 +82,14 @@ class ServicePool:
 
     # ---- replica set ---------------------------------------------------------------------
 
-    def add(self, addr: str, conns: object = None) -> tuple[Replica, list[Handoff]]:
+    def add(self, addr: str, now: float, conns: object = None) -> tuple[Replica, list[Handoff]]:
         cap = 0 if self.coordinated else self.max_concurrent
         replica = Replica(addr, cap=cap, conns=conns)
+        first = not self.ready
         self.replicas.append(replica)
         self._recount()
+        if first:
+            self._first_ready(now)
         return replica, self._drain_queue()
 
     def remove(self, replica: Replica) -> None:
@@ -99,12 +107,26 @@ class ServicePool:
             replica.in_rotation = False
             self._recount()
 
-    def mark_up(self, replica: Replica) -> list[Handoff]:
+    def mark_up(self, replica: Replica, now: float) -> list[Handoff]:
         if replica.removed or replica.in_rotation:
             return []
+        first = not self.ready
         replica.in_rotation = True
         self._recount()
+        if first:
+            self._first_ready(now)
         return self._drain_queue()
+
+    def _first_ready(self, now: float) -> None:
+        """A replica came into rotation in a pool that had none: the waiters that came while it
+        was at zero now wait max_wait_s from here (their wait for a replica is over). Waiters
+        from before it went to zero keep their (earlier) deadlines, so the queue stays in
+        deadline order."""
+        deadline = now + self.max_wait_s
+        for waiter in self._waiters:
+            if waiter.cold and not waiter.done:
+                waiter.cold = False
+                waiter.deadline = deadline
 
     def set_cap(self, replica: Replica, cap: int) -> list[Handoff]:
         """The slots this router may use on `replica` (a coordinated grant or take-back).
@@ -140,12 +162,18 @@ class ServicePool:
             if replica is not None:
                 self._take(replica)
                 return replica
-        wait_s = self.max_wait_s
-        if self.cold_start_s and not any(r.in_rotation for r in self.replicas):
-            wait_s += self.cold_start_s  # a service at zero: its first replica has to start
         if self.queued >= self.max_queue:
             return Rejection.QUEUE_FULL
-        waiter = Waiter(now + wait_s, grant, expire, now)
+        if self.cold_start_s and not self.ready:
+            # At zero: wait up to the cold-start bound for the first replica. Never before a
+            # waiter ahead of it (one from before the pool went to zero, when max_wait_s is the
+            # longer of the two): the head's deadline stays the earliest.
+            deadline = now + self.cold_start_s
+            if self._waiters:
+                deadline = max(deadline, self._waiters[-1].deadline)
+            waiter = Waiter(deadline, grant, expire, now, cold=True)
+        else:
+            waiter = Waiter(now + self.max_wait_s, grant, expire, now)
         self._waiters.append(waiter)
         self.queued += 1
         return waiter
@@ -184,9 +212,11 @@ class ServicePool:
         return expired
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline in the queue. Every waiter of a pool waits the same time, so
-        deadlines are in queue order and the head's is the earliest (after a reload shortens
-        the wait, later ones may be earlier: they expire with the head, a little late)."""
+        """The earliest deadline in the queue. Deadlines are in queue order, so the head's is the
+        earliest: every waiter of a pool waits the same time from its arrival, or (a pool at
+        zero) the same cold-start bound, kept no earlier than the tail's, until the first replica
+        is ready, when they all get the same new deadline. The exception: after a reload
+        shortens a wait, later ones may be earlier: they expire with the head, a little late."""
         for waiter in self._waiters:
             if not waiter.done:
                 return waiter.deadline

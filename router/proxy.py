@@ -297,18 +297,6 @@ class ScoringHandler:
         else:
             ex.respond(200, _JSON, b'{"status":"Healthy"}')
 
-    def schedule_expiry(self, svc: Service) -> None:
-        if svc.expiry is None:
-            deadline = svc.pool.next_deadline()
-            if deadline is not None:
-                svc.expiry = self.loop.call_at(deadline, self._expire, svc)
-
-    def _expire(self, svc: Service) -> None:
-        svc.expiry = None
-        for waiter in svc.pool.expire(self.loop.time()):
-            waiter.expire()
-        self.schedule_expiry(svc)
-
 
 class Forward:
     """One proxied request, from admission to the end of its response."""
@@ -401,7 +389,7 @@ class Forward:
             self._dispatch(result)
         elif isinstance(result, Waiter):
             self._waiter = result
-            self._handler.schedule_expiry(svc)
+            svc.schedule_expiry()
         elif result is Rejection.QUEUE_FULL:
             self.failure = "queue_full"
             self._fail(errors.overloaded(svc.name))

@@ -114,10 +114,47 @@ class Service:
 
     def add_replica(self, addr: str) -> Replica:
         host, port = parse_hostport(addr)
-        replica, handoffs = self.pool.add(addr, ReplicaConnections(host, port))
+        replica, handoffs = self.pool.add(addr, self._now(), ReplicaConnections(host, port))
         grant_all(handoffs)
+        self._deadlines_changed()
         self._replicas_changed()
         return replica
+
+    def mark_up(self, replica: Replica) -> None:
+        """`replica` is back in rotation: waiters get its slots at once."""
+        grant_all(self.pool.mark_up(replica, self._now()))
+        self._deadlines_changed()
+
+    def _now(self) -> float:
+        # Admission's clock (the loop's). Only read with someone waiting, which takes a
+        # running loop; a replica set up before any request needs no time.
+        return asyncio.get_running_loop().time() if self.pool.queued else 0.0
+
+    # ---- the queue's wait deadlines --------------------------------------------------------
+
+    def schedule_expiry(self) -> None:
+        """Arm the timer for the queue head's deadline (it re-arms itself for the next one)."""
+        if self.expiry is None:
+            deadline = self.pool.next_deadline()
+            if deadline is not None:
+                self.expiry = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.expiry = None
+        for waiter in self.pool.expire(asyncio.get_running_loop().time()):
+            waiter.expire()
+        self.schedule_expiry()
+
+    def _deadlines_changed(self) -> None:
+        """A first replica in rotation restarts the cold waiters' clocks (usually sooner than
+        the cold-start bound the timer was armed for): re-arm for the head's new deadline."""
+        if self.expiry is None:
+            return
+        deadline = self.pool.next_deadline()
+        if deadline is None or deadline < self.expiry.when():
+            self.expiry.cancel()
+            self.expiry = None
+            self.schedule_expiry()
 
     def remove_replica(self, replica: Replica) -> None:
         """Out of rotation now; in-flight requests finish on their own connections."""
@@ -191,7 +228,7 @@ class Service:
                 await asyncio.sleep(delay)
                 if await probe_http(conns.host, conns.port, timeout_s=self.cfg.timeout_seconds):
                     log.info("service %s: replica %s is back", self.name, replica.addr)
-                    grant_all(self.pool.mark_up(replica))
+                    self.mark_up(replica)
                     return
                 delay = min(delay * 2, PROBE_MAX_S)
         finally:

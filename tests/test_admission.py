@@ -29,7 +29,7 @@ def pool(cap: int = 1, wait_s: float = 0.5, queue: int = 100, replicas: int = 1)
         max_concurrent=cap, max_wait_s=wait_s, max_queue=queue, rand=random.Random(7).random
     )
     for i in range(replicas):
-        p.add(f"r{i}")
+        p.add(f"r{i}", 0.0)
     return p
 
 
@@ -114,28 +114,79 @@ def test_no_replica_at_all_waits_for_one_to_join() -> None:
     p, rec = pool(replicas=0, wait_s=0.5), Recorder()
     assert isinstance(admit(p, rec, "x", 0.0), Waiter)
     assert isinstance(admit(p, rec, "y", 0.0), Waiter)
-    _, handoffs = p.add("r0")
+    _, handoffs = p.add("r0", 0.1)
     for waiter, replica in handoffs:
         waiter.grant(replica)
     assert rec.granted == [("x", "r0")]  # one slot: the oldest gets it, the other waits on
     assert [w.expire() for w in p.expire(0.5)] == [None] and rec.expired == ["y"]
 
 
-def test_a_service_at_zero_waits_a_cold_start_longer() -> None:
+def test_a_service_at_zero_waits_up_to_the_cold_start_bound_for_a_replica() -> None:
     """cold_start_s (a service that may be scaled to zero): with no replica in rotation a
-    request may wait for the first one to start, then max_request_wait_time; once a replica
-    serves, the wait is max_request_wait_time again."""
+    request waits for the first one up to the cold-start bound from its arrival; none came:
+    it expires then (not max_request_wait_time later)."""
     p, rec = pool(replicas=0, wait_s=0.5), Recorder()
     p.cold_start_s = 30.0
-    cold = admit(p, rec, "cold", 0.0)
-    assert isinstance(cold, Waiter) and cold.deadline == 30.5
-    assert p.expire(30.4) == []
-    _, handoffs = p.add("r0")
+    first = admit(p, rec, "first", 0.0)
+    later = admit(p, rec, "later", 2.0)
+    assert isinstance(first, Waiter) and isinstance(later, Waiter)
+    assert (first.deadline, later.deadline) == (30.0, 32.0)
+    assert p.next_deadline() == 30.0
+    assert p.expire(29.99) == []
+    assert [w.expire() for w in p.expire(30.0)] == [None] and rec.expired == ["first"]
+    assert p.next_deadline() == 32.0
+
+
+def test_max_wait_is_counted_from_when_the_first_replica_is_ready() -> None:
+    """A replica comes into rotation at 10 s: the requests that waited for it each get
+    max_request_wait_time from then (one slot: the oldest is served, the other waits on);
+    a request that arrived just before its cold-start bound is not refused at that bound."""
+    p, rec = pool(replicas=0, wait_s=0.5), Recorder()
+    p.cold_start_s = 10.05
+    for tag, at in (("a", 0.0), ("b", 1.0), ("c", 9.9)):
+        assert isinstance(admit(p, rec, tag, at), Waiter)
+    _, handoffs = p.add("r0", 10.0)
     for waiter, replica in handoffs:
         waiter.grant(replica)
-    assert rec.granted == [("cold", "r0")]
-    warm = admit(p, rec, "warm", 31.0)
-    assert isinstance(warm, Waiter) and warm.deadline == 31.5
+    assert rec.granted == [("a", "r0")]
+    assert [w.deadline for w in p.waiters()] == [10.5, 10.5]
+    assert p.next_deadline() == 10.5
+    assert p.expire(10.49) == []  # c is past its cold-start bound (9.9 + 10.05), still waits
+    for w in p.expire(10.5):
+        w.expire()
+    assert rec.expired == ["b", "c"]
+    # Once a replica serves, a request's wait is max_request_wait_time from its arrival.
+    warm = admit(p, rec, "warm", 11.0)
+    assert isinstance(warm, Waiter) and warm.deadline == 11.5
+
+
+def test_the_first_replica_back_restarts_only_the_waits_that_began_at_zero() -> None:
+    """The only replica goes out of rotation with a request waiting (deadline: arrival + max
+    wait); requests arriving then wait for a replica up to the cold-start bound, never
+    expiring before the one ahead of them; when it is back, only they get a new deadline."""
+    p, rec = pool(replicas=1, wait_s=1.0), Recorder()
+    p.cold_start_s = 0.2  # shorter than the max wait: the clamp to the one ahead matters
+    (r0,) = p.replicas
+    assert isinstance(admit(p, rec, "busy", 0.0), Replica)
+    before = admit(p, rec, "before", 0.0)
+    p.mark_down(r0)
+    at_zero = admit(p, rec, "at_zero", 0.1)
+    assert isinstance(before, Waiter) and isinstance(at_zero, Waiter)
+    assert (before.deadline, at_zero.deadline) == (1.0, 1.0)  # not 0.3: behind "before"
+    assert p.mark_up(r0, 0.5) == []  # no free slot: "busy" still holds it
+    assert (before.deadline, at_zero.deadline) == (1.0, 1.5)
+    deadlines = [w.deadline for w in p.waiters()]
+    assert deadlines == sorted(deadlines)
+
+
+def test_a_first_replica_in_a_pool_not_scaled_to_zero_changes_no_deadline() -> None:
+    """Without cold_start_s (min replicas above zero), a request with no replica in rotation
+    waits max_request_wait_time from its arrival, whenever a replica comes."""
+    p, rec = pool(replicas=0, wait_s=0.5), Recorder()
+    assert isinstance(admit(p, rec, "x", 0.0), Waiter)
+    assert isinstance(admit(p, rec, "y", 0.0), Waiter)
+    p.add("r0", 0.4)
+    assert [w.deadline for w in p.waiters()] == [0.5]
 
 
 def test_down_replica_gets_nothing_and_coming_back_serves_waiters() -> None:
@@ -145,7 +196,7 @@ def test_down_replica_gets_nothing_and_coming_back_serves_waiters() -> None:
     first = admit(p, rec, "a", 0.0)
     assert first is r1
     assert isinstance(admit(p, rec, "b", 0.0), Waiter)
-    handoffs = p.mark_up(r0)
+    handoffs = p.mark_up(r0, 0.0)
     assert [(w.grant(r) or (w, r))[1] for w, r in handoffs] == [r0]
     assert rec.granted == [("b", "r0")]
 
@@ -156,7 +207,7 @@ def test_all_down_waits_until_one_comes_back() -> None:
         p.mark_down(r)
     assert isinstance(admit(p, rec, "a", 0.0), Waiter)
     assert p.expire(0.4) == []
-    for waiter, replica in p.mark_up(p.replicas[1]):
+    for waiter, replica in p.mark_up(p.replicas[1], 0.4):
         waiter.grant(replica)
     assert rec.granted == [("a", "r1")]
 
@@ -185,7 +236,7 @@ def test_adding_a_replica_grants_waiters() -> None:
     p, rec = pool(cap=1, replicas=1), Recorder()
     admit(p, rec, "busy", 0.0)
     admit(p, rec, "w", 0.0)
-    _, handoffs = p.add("r9")
+    _, handoffs = p.add("r9", 0.0)
     assert [r.addr for _, r in handoffs] == ["r9"]
 
 
@@ -205,9 +256,10 @@ def test_random_churn_never_exceeds_cap(seed: int) -> None:
     the counters always agree with the replicas."""
     rnd = random.Random(seed)
     cap = rnd.randint(1, 3)
-    p = ServicePool(max_concurrent=cap, max_wait_s=1.0, max_queue=50, rand=rnd.random)
+    p = ServicePool(max_concurrent=cap, max_wait_s=1.0, max_queue=50, rand=rnd.random,
+                    cold_start_s=rnd.choice([0.0, 0.3, 5.0]))
     for i in range(3):
-        p.add(f"r{i}")
+        p.add(f"r{i}", 0.0)
     held: list[Replica] = []
     waiting: list[Waiter] = []
     now = 0.0
@@ -239,12 +291,12 @@ def test_random_churn_never_exceeds_cap(seed: int) -> None:
             if r.in_rotation:
                 p.mark_down(r)
             else:
-                for w, rr in p.mark_up(r):
+                for w, rr in p.mark_up(r, now):
                     w.grant(rr)
         elif op < 0.93 and len(p.replicas) > 1:
             p.remove(rnd.choice(p.replicas))
         elif op < 0.96:
-            _, handoffs = p.add(f"n{step}")
+            _, handoffs = p.add(f"n{step}", now)
             for w, rr in handoffs:
                 w.grant(rr)
         waiting = [w for w in waiting if not w.done]
@@ -257,3 +309,6 @@ def test_random_churn_never_exceeds_cap(seed: int) -> None:
         assert free >= 0
         if p.queued:
             assert free == 0, "a waiter waits while a slot is free"
+        # The head's deadline is the earliest (the expiry timer is armed for it alone).
+        deadlines = [w.deadline for w in p.waiters()]
+        assert deadlines == sorted(deadlines)

@@ -96,6 +96,33 @@ def test_scales_to_zero_and_the_next_request_waits_for_a_cold_start(tmp_path: Pa
         stop(up)
 
 
+async def test_the_queue_timer_follows_the_first_replica_into_rotation() -> None:
+    """Two requests wait at zero (cold-start bound 30 s, the timer armed for it); the first
+    replica comes in and serves one: the other's max_request_wait_time (200 ms) runs from
+    then, and the timer is re-armed for it (not left at the cold-start bound)."""
+    cfg = parse_config({"services": {"svc": {
+        "synthetic": {"latency": "fixed:5"}, "auth_enabled": False,
+        "autoscale_min_replicas": 0, "autoscale_cold_start_seconds": 30,
+        "max_request_wait_time": 200, "replica_max_concurrent_requests": 1}}}).services["svc"]
+    svc = Service("svc", cfg, NoAuth(), ServiceLinks(Supervisor()))
+    loop = asyncio.get_running_loop()
+    granted: list[str] = []
+    expired: asyncio.Future[float] = loop.create_future()
+    try:
+        svc.pool.admit(loop.time(), lambda r: granted.append("first"), lambda: None)
+        svc.pool.admit(loop.time(), lambda r: granted.append("second"),
+                       lambda: expired.set_result(loop.time()))
+        svc.schedule_expiry()
+        assert svc.expiry is not None and svc.expiry.when() > loop.time() + 29
+        ready_at = loop.time()
+        svc.add_replica("127.0.0.1:9")  # never connected to: the grant is all this checks
+        assert granted == ["first"]
+        expired_at = await asyncio.wait_for(expired, timeout=20)
+        assert expired_at >= ready_at + 0.2 and granted == ["first"]
+    finally:
+        svc.close()
+
+
 def test_a_replica_slower_to_start_than_initial_delay_is_not_killed(tmp_path: Path) -> None:
     """initial_delay_seconds 1, period 1: the replica listens only after ~2.5 s (an init of
     2 s); Kubernetes would fail 1-2 probes and wait for failure_threshold (5), so it lives."""
