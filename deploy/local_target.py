@@ -7,6 +7,8 @@ one still starting is never killed before then. It joins the router's pool (is r
 `success_threshold` readiness probes in a row, probed often while it starts so a fast replica
 serves at once. At most `start_slots()` replicas (one per core this process may use) start at
 once, so a scale-up does not starve itself of CPU; the rest wait their turn, not counted ready.
+A start gives its slot up after START_SLOT_MAX_S even if not ready (probing goes on), so a
+replica stuck starting delays the others' starts by that much at most.
 A replica that fails is restarted with an exponential backoff, shown by `start_status()` (the
 status line and `GET /v1/stats`). A replica is removed by taking it out of rotation, letting its
 in-flight requests finish, then stopping it.
@@ -49,6 +51,11 @@ RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 # Local replicas are probed for readiness this often while starting.
 STARTUP_PROBE_S = 0.1
+# A start holds its start slot until the replica is ready or fails, but no longer than this:
+# one that listens late or never passes readiness (liveness may give it minutes: azureml's
+# initial_delay_seconds is 310) must not keep every other replica from starting. Readiness and
+# liveness probing go on outside the slot.
+START_SLOT_MAX_S = 30.0
 
 
 def _die_with_parent() -> None:
@@ -250,6 +257,7 @@ class LocalTarget:
         cfg = self._configs[rep.service]
         loop = asyncio.get_running_loop()
         live: asyncio.Task[None] | None = None
+        ready: asyncio.Future[None] | None = None
         try:
             delay = self._restart_delay(rep.service)
             if delay:
@@ -260,7 +268,13 @@ class LocalTarget:
                     return  # while waiting for its turn
                 await self._spawn(rep, cfg)
                 live = asyncio.ensure_future(self._liveness(rep, cfg, loop.time()))
-                await self._until_ready(rep, cfg, live)
+                ready = asyncio.ensure_future(self._until_ready(rep, cfg, live))
+                await asyncio.wait({ready}, timeout=START_SLOT_MAX_S)
+                if not ready.done():
+                    log.warning("service %s: replica on port %d not ready after %.0f s; "
+                                "the next start does not wait for it", rep.service, rep.port,
+                                START_SLOT_MAX_S)
+            await ready  # probed on outside the slot, until ready or liveness gives up
             if _scaled_away(rep):
                 return  # while starting
             svc = self._services[rep.service]
@@ -275,8 +289,9 @@ class LocalTarget:
         except Exception as e:
             log.warning("service %s: replica on port %d failed: %s", rep.service, rep.port, e)
         finally:
-            if live is not None:
-                live.cancel()
+            for task in (ready, live):
+                if task is not None:
+                    task.cancel()
         if rep.state in (State.STARTING, State.READY):
             self._failures[rep.service] = self._failures.get(rep.service, 0) + 1
             rep.state = State.DEAD

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,77 @@ async def test_replicas_start_at_most_start_slots_at_once(
                 break
             await asyncio.sleep(0.02)  # the poll interval
         assert svc.pool.ready == 3
+    finally:
+        await target.close()
+        svc.close()
+
+
+# A replica that starts and then hangs: it says nothing and listens on nothing until the test
+# creates the file named in argv[1]; then it listens, says so as `mlfe score-server` does, and
+# answers every probe 200.
+STUCK_REPLICA = """
+import os, socket, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+print(f"Listening on http://127.0.0.1:{s.getsockname()[1]}", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n")
+    c.close()
+"""
+
+
+async def test_a_replica_stuck_starting_gives_its_start_slot_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One start slot, two replicas; the first never listens and liveness would give it 300 s
+    (initial_delay_seconds). After START_SLOT_MAX_S the second starts and serves while the
+    first is still starting (not killed, not in the pool); probed on outside the slot, the
+    first joins the pool once it answers."""
+    monkeypatch.setattr(local_target, "start_slots", lambda: 1)
+    monkeypatch.setattr(local_target, "START_SLOT_MAX_S", 1.0)
+    script, release = tmp_path / "stuck.py", tmp_path / "go"
+    script.write_text(STUCK_REPLICA)
+    real_argv = local_target.LocalTarget.replica_argv
+    spawned: list[str] = []
+
+    def argv(self: local_target.LocalTarget, cfg: Any) -> tuple[list[str], int | None]:
+        spawned.append("stuck" if not spawned else "ok")
+        if spawned[-1] == "stuck":
+            return [sys.executable, str(script), str(release)], None
+        return real_argv(self, cfg)
+
+    monkeypatch.setattr(local_target.LocalTarget, "replica_argv", argv)
+    cfg = parse_config({"services": {"svc": {
+        "synthetic": {"latency": "fixed:5"}, "num_replicas": 2, "auth_enabled": False,
+        "initial_delay_seconds": 300, "period_seconds": 1}}}).services["svc"]
+    supervisor = Supervisor()
+    svc = Service("svc", cfg, NoAuth(), ServiceLinks(supervisor))
+    target = local_target.LocalTarget({"svc": svc}, tmp_path, supervisor)
+    target.configure({"svc": svc}, {"svc": cfg})
+    loop = asyncio.get_running_loop()
+
+    async def until(what: str, cond: Any, timeout: float = 60) -> None:
+        deadline = loop.time() + timeout
+        while not cond():
+            assert loop.time() < deadline, what
+            await asyncio.sleep(0.05)  # the poll interval
+
+    def states() -> list[local_target.State]:
+        return [r.state for r in target.replicas("svc")]
+
+    try:
+        await until("the second replica ready beside the stuck one",
+                    lambda: svc.pool.ready == 1, timeout=30)
+        assert spawned == ["stuck", "ok"]
+        assert sorted(s.value for s in states()) == ["ready", "starting"]
+        assert target.start_status("svc")["startFailures"] == 0
+        release.touch()
+        await until("the stuck replica ready once it answers", lambda: svc.pool.ready == 2)
+        assert states() == [local_target.State.READY] * 2
     finally:
         await target.close()
         svc.close()
