@@ -28,6 +28,14 @@ raw data to the JSON.
 Scale to zero: a service with `autoscale_min_replicas: 0` is left idle until it has no replica
 (one scale-down window after its last request), then one request is sent: its status, its
 latency and the time it waited in the router's queue (the access log's `queueMs`) are reported.
+
+Goals: the issue's "Done when" items are printed as verdicts for the demand policy (peak desired
+at most one over the replicas needed, the decision within 1 s, the needed replicas serving
+within 2 s, no 503 once the first decision's replicas all serve, the minimum one window after
+the step's last arrival, no reversal of desired under the square wave; scale to zero after the
+window, the request after idle served 200 after one cold start with its queueMs logged). A full
+run exits 1 when one is not met; `--quick` (a 3-replica step on a loaded test box) shows them
+without holding them against the run.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ POLICIES = ("demand", "azureml")
 SAMPLE_S = 0.1
 P99_WINDOW_S = 1.0
 TARGET_UTILIZATION = 70  # azureml's default, percent
+REFRESH_S = 1.0  # autoscale_refresh_seconds
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,7 @@ def mlfe_config(tmp: Path, s: Settings, port: int, admin_port: int, policy: str 
                 "autoscale_policy": policy,
                 "autoscale_min_replicas": min_replicas,
                 "autoscale_max_replicas": s.max_replicas,
-                "autoscale_refresh_seconds": 1,
+                "autoscale_refresh_seconds": REFRESH_S,
                 "autoscale_target_utilization": TARGET_UTILIZATION,
                 "autoscale_scale_down_window_seconds": window,
             }
@@ -291,6 +300,9 @@ class ZeroResult:
     latency_s: float
     queue_ms: float | None  # the time it waited in the router's queue (access log)
     refused: int  # 503s among the requests of the run
+    to_zero_since_arrival_s: float  # from the last request's arrival (the last demand)
+    warm_latency_s: float  # that request's latency (a cold start too)
+    start_failures: int  # replica starts that failed in the run (/v1/stats)
 
 
 def run_zero(s: Settings, tmp: Path) -> ZeroResult:
@@ -323,11 +335,13 @@ def run_zero(s: Settings, tmp: Path) -> ZeroResult:
             return status, time.monotonic() - t
 
         log(f"scale to zero: a first request, then idle for the {s.zero_window_s:g} s window")
-        score("warm-up")
+        sent = time.monotonic()
+        _, warm_latency = score("warm-up")
         done = time.monotonic()
         wait_until(lambda: _stats(admin_port).get("scaledToZero") is True,
                    "the service back at zero replicas", [router], s.zero_window_s + 30)
         to_zero = time.monotonic() - done
+        to_zero_since_arrival = time.monotonic() - sent
         status, latency = score("after-idle")
         found: list[float] = []
 
@@ -341,7 +355,8 @@ def run_zero(s: Settings, tmp: Path) -> ZeroResult:
         wait_until(logged, "the access log line of the request after idle", [router], 10)
         queue_ms = found[0]
         return ZeroResult(s.zero_window_s, to_zero, status, latency, queue_ms,
-                          statuses.count(503))
+                          statuses.count(503), to_zero_since_arrival, warm_latency,
+                          int(_stats(admin_port).get("startFailures", 0)))
 
 
 def _stats(admin_port: int) -> dict[str, Any]:
@@ -500,10 +515,14 @@ def phase_stats(p: Phase, records: Sequence[LoadRecord], samples: Sequence[Sampl
     )
 
 
+Goal = tuple[str, bool, str]  # (the issue's "Done when" item, met, what was measured)
+
+
 @dataclass
 class Summary:
     metrics: list[tuple[str, float | None, str]]  # (name, value, unit)
     phases: list[PhaseStats]
+    goals: list[Goal]
 
 
 def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Sample]) -> Summary:
@@ -542,6 +561,17 @@ def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Samp
     late_refused = sum(1 for r in records if r[2] == 503 and first_ready is not None
                        and step.start + first_ready <= r[0] < step.end)
     square_stats = next(p for p in stats if p.name == "square")
+    # The replicas of the first decision: 503s should end once they all serve.
+    decided = next((st.get("desired", 0) for t, st in samples
+                    if t >= step.start and st.get("desired", 0) > desired0), None)
+    all_ready = None if decided is None else first_time(
+        samples, step.start, lambda st: st.get("replicas", 0) >= decided, before=step.end)
+    after_all_ready = sum(1 for r in records if r[2] == 503 and all_ready is not None
+                          and step.start + all_ready <= r[0] < step.end)
+    # The last demand: the step's last arrival; the minimum should come one window after it.
+    last_arrival = max((r[0] for r in records if step.start <= r[0] < step.end), default=None)
+    since_last = (None if down_min is None or last_arrival is None
+                  else drop.start + down_min - last_arrival)
     metrics: list[tuple[str, float | None, str]] = [
         ("offered rate in the step", s.rate, "req/s"),
         ("step -> scale decision (desired rises)", decision, "s"),
@@ -552,12 +582,16 @@ def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Samp
         ("last 503 of the step, after the step", step_refusals[-1] if step_refusals else 0.0,
          "s"),
         ("503s in the step after the first added replica served", float(late_refused), "count"),
+        ("step -> the first decision's replicas all serving", all_ready, "s"),
+        ("503s in the step after the first decision's replicas all served",
+         float(after_all_ready) if all_ready is not None else None, "count"),
         ("p99 latency of 200s in the step", step_stats.p99_ms, "ms"),
         (f"p99 latency of 200s in the step, once {s.replicas_needed} replicas served",
          percentile(settled_ms, 99), "ms"),
         ("drop -> desired falls", down_first, "s"),
         ("drop -> desired at the minimum (1)", down_min, "s"),
         ("drop -> ready replicas at the minimum (1)", ready_min, "s"),
+        ("last arrival of the step -> desired at the minimum (1)", since_last, "s"),
         ("scale-down window (config)", s.scale_down_window_s, "s"),
         ("square wave: direction changes of desired", float(reversals), "count"),
         ("square wave: desired steps up / down", float(ups), f"up ({downs} down)"),
@@ -567,7 +601,47 @@ def summarise(s: Settings, records: Sequence[LoadRecord], samples: Sequence[Samp
         ("requests neither 200 nor 503", float(sum(p.failed for p in stats)), "count"),
         ("answered requests", float(len(answered)), "count"),
     ]
-    return Summary(metrics, stats)
+    n, window = s.replicas_needed, s.scale_down_window_s
+    late = window + 2 * REFRESH_S + SAMPLE_S  # the tick that saw the last arrival, the next one
+    goals: list[Goal] = [
+        (f"peak desired <= {n + 1} (the step needs {n})",
+         step_stats.desired_max is not None and step_stats.desired_max <= n + 1,
+         f"{fmt_num(step_stats.desired_max)}"),
+        ("decision <= 1 s after the step", decision is not None and decision <= 1.0,
+         f"{fmt_num(decision, 2)} s (sampled every {SAMPLE_S * 1e3:g} ms)"),
+        (f"{n} replicas serving <= 2 s after the step",
+         needed_ready is not None and needed_ready <= 2.0, f"{fmt_num(needed_ready, 2)} s"),
+        ("503s only while the first added replicas start",
+         all_ready is not None and after_all_ready == 0,
+         f"{len(step_refusals)} in the step, the last arrived at +"
+         f"{fmt_num(step_refusals[-1] if step_refusals else None, 2)} s; the first decision's "
+         f"{fmt_num(decided)} replicas all served at +{fmt_num(all_ready, 2)} s, "
+         f"{after_all_ready} 503s after that"),
+        ("the minimum exactly one window after the last demand",
+         since_last is not None and window <= since_last <= late,
+         f"{fmt_num(since_last, 2)} s after the step's last arrival (window {window:g} s; "
+         f"allowed up to {late:g} s: a {REFRESH_S:g} s refresh and a sample)"),
+        ("no flapping in the square wave", reversals == 0,
+         f"{reversals} direction changes of desired ({ups} up, {downs} down)"),
+    ]
+    return Summary(metrics, stats, goals)
+
+
+def zero_goals(z: ZeroResult) -> list[Goal]:
+    """The scale-to-zero run's "Done when" items."""
+    late = z.window_s + z.warm_latency_s + 2 * REFRESH_S + 0.5  # last tick, next tick, a poll
+    return [
+        ("idle -> 0 replicas after the window",
+         z.window_s <= z.to_zero_since_arrival_s <= late,
+         f"{z.to_zero_since_arrival_s:.2f} s after the last request arrived (window "
+         f"{z.window_s:g} s; allowed up to {late:.1f} s: its latency, a refresh, a poll)"),
+        ("the first request after idle served 200 after one cold start, its wait in the "
+         "access log, no 503",
+         z.status == 200 and z.queue_ms is not None and z.queue_ms > 0 and z.refused == 0
+         and z.start_failures == 0,
+         f"status {z.status}, queueMs {fmt_num(z.queue_ms, 0)}, {z.refused} 503s, "
+         f"{z.start_failures} failed replica starts"),
+    ]
 
 
 def pct(x: float | None) -> float | None:
@@ -616,6 +690,13 @@ def report(summaries: dict[str, Summary], s: Settings, machine: dict[str, Any],
              "503 %", "other errors", "p50 ms (200)", "p99 ms (200)", "ready", "desired"],
             phase_rows, ["l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r"]),
     ]
+    goals = all_goals(summaries, zero)
+    if goals:
+        out += ["", "Goals (the issue's \"Done when\", for the demand policy"
+                + ("; --quick: a smaller step, shown, not held against the run" if s.quick
+                   else "") + "):",
+                *(f"- {name}: {'met' if ok else 'NOT met'}: {detail}"
+                  for name, ok, detail in goals)]
     if zero is not None:
         out += ["", "Scale to zero (autoscale_min_replicas: 0, demand policy):", "",
                 markdown_table(["metric", "value", "unit"], [
@@ -629,6 +710,11 @@ def report(summaries: dict[str, Summary], s: Settings, machine: dict[str, Any],
                     ["503s in the scale-to-zero run", str(zero.refused), "count"],
                 ], ["l", "r", "l"])]
     return "\n".join(out)
+
+
+def all_goals(summaries: Mapping[str, Summary], zero: ZeroResult | None) -> list[Goal]:
+    goals = list(summaries["demand"].goals) if "demand" in summaries else []
+    return goals + (zero_goals(zero) if zero is not None else [])
 
 
 def plot(runs: Mapping[str, Sequence[Window]], phases: Sequence[Phase], s: Settings,
@@ -761,6 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     phases = build_phases(s)
     summaries = {p: summarise(s, run[0], run[1]) for p, run in runs.items()}
+    goals = all_goals(summaries, zero)
     print(report(summaries, s, machine, {p: r[2] for p, r in runs.items()},
                  {p: r[3] for p, r in runs.items()}, zero), flush=True)
     windows = {p: series(run[0], run[1], phases[-1].end) for p, run in runs.items()}
@@ -784,9 +871,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "rows": [[round(a, 4), round(b, 5), c, d] for a, b, c, d in run[0]]},
         } for policy, run in runs.items()},
         "scale_to_zero": zero.__dict__ if zero is not None else None,
+        "goals": [{"name": n, "met": ok, "detail": d} for n, ok, d in goals],
     })
     print(f"\nRaw data: {shown_path(out)}\nPlot: {shown_path(png)}")
-    return 0 if zero is None or zero.status == 200 else 1
+    if zero is not None and zero.status != 200:
+        return 1
+    return 0 if s.quick or all(ok for _, ok, _ in goals) else 1
 
 
 if __name__ == "__main__":

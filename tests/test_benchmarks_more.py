@@ -129,8 +129,31 @@ def test_autoscale_quick(tmp_path: Path) -> None:
     assert number(rows["first request after idle: queueMs (access log)"][1]) > 0, out
     assert number(rows["503s in the scale-to-zero run"][1]) == 0, out
     assert 1 <= number(rows["last request -> no replica"][1]) <= 10, out
+    # The goals, as verdicts on the demand policy's numbers above.
+    goals = {line[2:line.index(": ")]: line[line.index(": ") + 2:]
+             for line in out.splitlines() if line.startswith("- ") and (
+                 ": met: " in line or ": NOT met: " in line)}
+    def demand(name: str) -> float:
+        return number(rows[name][1])
+
+    assert len(goals) == 8, out
+    assert goals["peak desired <= 4 (the step needs 3)"].startswith("met"), out
+    assert goals["decision <= 1 s after the step"].startswith(
+        "met" if demand("step -> scale decision (desired rises)") <= 1 else "NOT met"), out
+    serving = rows["step -> 3 replicas serving"][1]
+    assert goals["3 replicas serving <= 2 s after the step"].startswith(
+        "met" if serving != "-" and number(serving) <= 2 else "NOT met"), out
+    assert goals["503s only while the first added replicas start"].startswith(
+        "met" if rows["503s in the step after the first decision's replicas all served"][1]
+        == "0" else "NOT met"), out
+    reversals = demand("square wave: direction changes of desired")
+    assert goals["no flapping in the square wave"].startswith(
+        "met" if reversals == 0 else "NOT met"), out
+    assert goals["the first request after idle served 200 after one cold start, its wait in "
+                 "the access log, no 503"].startswith("met"), out
     assert len(list(tmp_path.glob("autoscale-*.png"))) == 1
     data = json.loads(next(tmp_path.glob("autoscale-*.json")).read_text())
+    assert [g["name"] for g in data["goals"]] == list(goals)
     phases_at = {p["name"]: (p["start"], p["end"]) for p in data["phases"]}
     for col, policy in ((1, "demand"), (2, "azureml")):
         run = data["runs"][policy]
