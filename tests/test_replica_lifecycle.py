@@ -243,8 +243,8 @@ async def test_a_replica_stuck_starting_gives_its_start_slot_up(
     target.configure({"svc": svc}, {"svc": cfg})
     loop = asyncio.get_running_loop()
 
-    async def until(what: str, cond: Any, timeout: float = 60) -> None:
-        deadline = loop.time() + timeout
+    async def until(what: str, cond: Any, within_s: float = 60) -> None:
+        deadline = loop.time() + within_s
         while not cond():
             assert loop.time() < deadline, what
             await asyncio.sleep(0.05)  # the poll interval
@@ -254,7 +254,7 @@ async def test_a_replica_stuck_starting_gives_its_start_slot_up(
 
     try:
         await until("the second replica ready beside the stuck one",
-                    lambda: svc.pool.ready == 1, timeout=30)
+                    lambda: svc.pool.ready == 1, within_s=30)
         assert spawned == ["stuck", "ok"]
         assert sorted(s.value for s in states()) == ["ready", "starting"]
         assert target.start_status("svc")["startFailures"] == 0
