@@ -276,7 +276,7 @@ class ServiceConfig(AuthSettings):
     # demand: arrival rate x service time (Little's law); azureml: azureml-fe's utilization rule.
     autoscale_policy: Literal["demand", "azureml"] = "demand"
     # With autoscale_min_replicas 0: how long a request may wait for the first replica to start
-    # (then max_request_wait_time more for a free slot).
+    # (its max_request_wait_time for a free slot then counts from that replica's start).
     autoscale_cold_start_seconds: PositiveFloat = 60.0
     num_replicas: PositiveInt | None = None
     environment_variables: dict[str, str] = Field(default_factory=dict)
