@@ -28,6 +28,7 @@ HOT_MODULES = [
     "router/traffic.py",
     "router/errors.py",
     "router/auth.py",
+    "router/writes.py",
 ]
 
 ext_modules = []

@@ -22,6 +22,7 @@ import httptools
 
 from router import errors
 from router.requestid import new_request_id
+from router.writes import send
 
 # Reasons the client's socket reading is paused; reading resumes when none is left.
 PAUSE_PIPELINE = 1  # a later request is parsed while an earlier one is served
@@ -565,10 +566,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def writelines(self, data: list[bytes]) -> None:
         if self._transport is not None:
-            if len(data) == 1:
-                self._transport.write(data[0])
-            else:
-                self._transport.writelines(data)
+            send(self._transport, data)
 
     @property
     def closing_now(self) -> bool:

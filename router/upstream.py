@@ -14,6 +14,7 @@ from typing import Protocol, cast
 import httptools
 
 from router.errors import UpstreamFailure
+from router.writes import send
 
 __all__ = ["ReplicaConnections", "UpstreamConnection", "UpstreamFailure", "UpstreamSink"]
 
@@ -171,10 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         out = self._out
         if out and self._transport is not None:
             self._out = []
-            if len(out) == 1:
-                self._transport.write(out[0])
-            else:
-                self._transport.writelines(out)
+            send(self._transport, out)
 
     def send(self, data: bytes) -> None:
         if self._corked:
