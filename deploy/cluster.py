@@ -124,7 +124,7 @@ class Cluster:
             self.lease_broker = LeaseBroker(
                 elector, member, listen=self._broker_listen,
                 grace_s=coord.grace_seconds if coord else DEFAULT_GRACE_S,
-                supervisor=self._supervisor)
+                supervisor=self._supervisor, listed=self._listed_router_pods)
             self.lease_broker.start()
         self.target = KubernetesTarget(self._router.services, self.api,
                                        supervisor=self._supervisor,
@@ -145,6 +145,21 @@ class Cluster:
         self._lead = self._supervisor.spawn(
             follow_leadership(self.elector, self._start_scaling, self._stop_scaling),
             name="leadership")
+
+    async def _listed_router_pods(self) -> set[str] | None:
+        """The pods the router's admin Service lists now (a fresh read, not a watch that may
+        lag), for the slot broker's cold start; None if the API server cannot say."""
+        from deploy.kube import ROUTER_ADMIN_SERVICE, KubeError
+        from deploy.kube.discovery import listed_pods
+
+        assert self.api is not None
+        try:
+            listed = await self.api.list_endpoint_slices(self.api.namespace,
+                                                         ROUTER_ADMIN_SERVICE)
+        except KubeError as e:
+            log.info("slot broker: the router pods cannot be listed now (%s)", e)
+            return None
+        return listed_pods(listed.items)
 
     def _adopt(self, service: str, replicas: int) -> None:
         if self.autoscaler is not None:

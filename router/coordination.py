@@ -16,9 +16,10 @@ its demand (busy + queued) every few tens of milliseconds. The broker moves slot
   calls `leave` (after a grace period covering requests the replica may still be running).
 * A broker that replaces another (a new leader's) starts *cold*: the members of the one before
   (`expected`) may still hold its slots, unknown here. Until each has reported what it holds
-  (adopted, never more than fits) or the I/O layer calls `warm` (after the time within which a
-  member that lost its broker gives its slots up), nothing is granted: members keep admitting
-  with the slots they hold, and the sum stays under every cap.
+  (adopted, never more than fits), is known to be `gone` (its process has stopped: the I/O
+  layer knows, e.g. its pod no longer exists), or the I/O layer calls `warm` (after the time
+  within which a member that lost its broker gives its slots up), nothing is granted: members
+  keep admitting with the slots they hold, and the sum stays under every cap.
 
 Everything here is a function of the calls made; no clock, no I/O.
 """
@@ -87,6 +88,19 @@ class SlotBroker:
     @property
     def cold(self) -> bool:
         return bool(self._waiting_for)
+
+    @property
+    def waiting_for(self) -> frozenset[str]:
+        """The previous broker's members that have not reported yet (empty: warm)."""
+        return frozenset(self._waiting_for)
+
+    def gone(self, member: str) -> list[SetSlots]:
+        """`member` of the previous broker no longer runs (and its requests with it): it holds
+        nothing, so the wait for it ends. Returns the changes to send."""
+        if member not in self._waiting_for:
+            return []
+        self._waiting_for.discard(member)
+        return [] if self._waiting_for else self._rebalance_all()
 
     def warm(self) -> list[SetSlots]:
         """The wait is over: a member that has not reported by now holds nothing."""

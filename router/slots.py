@@ -138,6 +138,15 @@ class BrokerServer:
                      "hold time passed)")
         self._send(self.broker.warm())
 
+    def gone(self, member: str) -> None:
+        """A member of the previous broker no longer runs: a cold start stops waiting for it."""
+        if member not in self.broker.waiting_for:
+            return
+        out = self.broker.gone(member)
+        log.info("slot broker: %s (a member of the previous broker) no longer runs%s", member,
+                 "" if self.broker.cold else "; lending")
+        self._send(out)
+
     def push_replicas(self, service: str, addrs: Iterable[str]) -> None:
         """The supervisor's replica set of a service, for its worker processes."""
         self._replicas[service] = list(addrs)

@@ -179,3 +179,42 @@ def test_a_cold_broker_still_takes_back_what_does_not_fit() -> None:
     broker.report("a", "s", 3, {"r": 3}, holding={"r": 3})
     out = broker.report("b", "s", 0, {"r": 3}, holding={"r": 2})
     assert ("b", 0) in [(m.member, m.slots) for m in out]  # b must come down to what fits
+
+
+def test_a_member_known_gone_ends_the_wait_for_it() -> None:
+    """A member of the previous broker whose process is known stopped holds nothing: once the
+    last such one is gone (the others reported), the broker lends."""
+    broker = SlotBroker(expected={"a", "dead"})
+    assert broker.waiting_for == {"a", "dead"}
+    assert broker.report("c", "s", 2, {"r": 4}) == []
+    assert broker.report("a", "s", 1, {"r": 4}, holding={"r": 1}) == []
+    assert broker.gone("c") == []  # not waited for: nothing changes
+    assert broker.cold
+    out = broker.gone("dead")
+    assert not broker.cold and broker.waiting_for == frozenset()
+    assert sorted((m.member, m.slots) for m in out) == [("a", 2), ("c", 2)]
+    assert _held(broker, "s", "r") == 4
+    assert broker.gone("dead") == []  # once is enough
+
+
+def test_gone_before_the_others_reported_keeps_the_broker_cold() -> None:
+    broker = SlotBroker(expected={"a", "dead"})
+    broker.report("c", "s", 2, {"r": 4})
+    assert broker.gone("dead") == []
+    assert broker.cold  # a may still hold the old broker's slots
+    out = broker.report("a", "s", 1, {"r": 4}, holding={"r": 3})
+    assert not broker.cold
+    assert _held(broker, "s", "r") <= 4
+    assert ("c", 1) in [(m.member, m.slots) for m in out]  # what a does not hold
+
+
+def test_a_member_restarted_in_place_ends_the_wait_by_reporting_nothing_held() -> None:
+    """A container restarted in place keeps its member id (the pod's name) and holds nothing:
+    its first report ends the wait for it."""
+    broker = SlotBroker(expected={"a", "b"})
+    broker.report("b", "s", 1, {"r": 4}, holding={"r": 2})
+    assert broker.cold
+    out = broker.report("a", "s", 3, {"r": 4}, holding={})
+    assert not broker.cold
+    assert ("a", 2) in [(m.member, m.slots) for m in out]
+    assert _held(broker, "s", "r") == 4

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from deploy.kube.api import Backoff, KubeApi
-from deploy.kube.discovery import EndpointWatcher, ready_addresses
+from deploy.kube.discovery import EndpointWatcher, listed_pods, ready_addresses
 from deploy.kube.target import KubernetesTarget
 from mlfe.config import parse_config
 from mlfe.supervise import Supervisor
@@ -111,6 +111,22 @@ def test_ready_addresses() -> None:
     assert ready_addresses(slices[:1], port=8081) == [
         "192.0.2.1:8081", "192.0.2.2:8081", "192.0.2.3:8081", "192.0.2.4:8081"]
     assert ready_addresses([]) == []
+
+
+def test_listed_pods_are_every_pod_endpoint_in_any_condition() -> None:
+    slices: list[dict[str, Any]] = [
+        {"addressType": "IPv4", "ports": [{"name": "admin", "port": 8082}], "endpoints": [
+            ep("192.0.2.1", pod="router-a"),
+            ep("192.0.2.2", ready=False, pod="router-b"),  # starting or failing: still runs
+            ep("192.0.2.3", ready=False, serving=True, terminating=True, pod="router-c"),
+            ep("192.0.2.4"),  # no targetRef: names no pod
+            {"addresses": ["192.0.2.5"], "targetRef": {"kind": "Node", "name": "node-1"}},
+        ]},
+        {"addressType": "IPv4", "endpoints": None},
+        {"addressType": "IPv4", "endpoints": [ep("192.0.2.6", pod="router-d")]},
+    ]
+    assert listed_pods(slices) == {"router-a", "router-b", "router-c", "router-d"}
+    assert listed_pods([]) == set()
 
 
 # ---- following a Service -------------------------------------------------------------------

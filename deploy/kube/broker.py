@@ -7,7 +7,14 @@ the broker's members (``mlfe.io/slot-members``), so that the next holder's broke
 slots may still be out there:
 
 - a new broker starts cold (router/coordination.py): it lends nothing until each member of the
-  previous broker has reported what it holds, or until ``hold_s + grace_s`` has passed;
+  previous broker has reported what it holds (a live pod finds the new broker within a second;
+  a container restarted in place has the same member id, the pod's name, and reports holding
+  nothing), or is gone, or until ``hold_s + grace_s`` has passed. A member is gone when its pod
+  has been absent from the router Service's EndpointSlices for ``grace_s`` (Kubernetes removes
+  a pod from them only once the Pod object is deleted, so its containers have stopped; the
+  grace covers requests a replica may still be running for it). The slices are read fresh from
+  the API server, and trusted only when they list this pod itself (so they are the router
+  pods' and member ids are pod names);
 - a member without a broker keeps admitting with the slots it holds (their sum fits every
   cap), and gives them up after ``hold_s`` (SlotMember), so that the cold start's end is safe;
 - a pod that stops holding the Lease closes its broker at once (its members move on).
@@ -18,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from deploy.kube.leader import LeaderElector
 from deploy.kube.peers import pod_ip
@@ -53,6 +60,18 @@ def broker_named(elector: LeaderElector) -> str:
     return address if holder and holder == elector.holder else ""
 
 
+def absences(waiting: Iterable[str], listed: set[str] | None, me: str,
+             since: Mapping[str, float], now: float) -> dict[str, float]:
+    """Since when each member still waited for is known absent from the router pods listed
+    (``listed``: None when the list failed, which changes nothing known). Slices that do not
+    list this pod (``me``) are not the router pods': nothing is known absent."""
+    if listed is None:
+        return {m: t for m, t in since.items() if m in waiting}
+    if me not in listed:
+        return {}
+    return {m: since.get(m, now) for m in waiting if m not in listed}
+
+
 class BrokerCounts:
     """The leader's load counts, summed over every router pod as each pod's slot member reports
     them to the broker: busy and queued (every 20 ms while they change, every second anyway)
@@ -78,11 +97,13 @@ class BrokerCounts:
 
 class LeaseBroker:
     """Runs the broker while this pod leads, and points this pod's slot member at the broker
-    the Lease names."""
+    the Lease names. ``listed`` reads the names of the router pods in the router Service's
+    EndpointSlices now (None if it cannot), for the cold start."""
 
     def __init__(self, elector: LeaderElector, member: SlotMember, *, listen: str,
                  grace_s: float, supervisor: Supervisor, hold_s: float = HOLD_S,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 listed: Callable[[], Awaitable[set[str] | None]] | None = None) -> None:
         self._elector = elector
         self._member = member
         self._listen = listen
@@ -90,6 +111,7 @@ class LeaseBroker:
         self._hold_s = hold_s
         self._supervisor = supervisor
         self._clock = clock or MonotonicClock()
+        self._listed = listed
         self.server: BrokerServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -119,13 +141,30 @@ class LeaseBroker:
         self._member.set_address(address)
         self._tasks.append(self._supervisor.spawn(self._advertise_members(server),
                                                   name="slot broker members"))
+        if expected:
+            self._tasks.append(self._supervisor.spawn(self._end_cold_start(server),
+                                                      name="slot broker cold start"))
 
     async def _advertise_members(self, server: BrokerServer) -> None:
-        started = self._clock.now()
         while True:
             self._elector.advertised[MEMBERS_ANNOTATION] = ",".join(server.members())
-            if server.broker.cold and self._clock.now() - started >= self._hold_s + self._grace_s:
+            await self._clock.sleep(FOLLOW_S)
+
+    async def _end_cold_start(self, server: BrokerServer) -> None:
+        started = self._clock.now()
+        absent: dict[str, float] = {}
+        while server.broker.cold:
+            if self._clock.now() - started >= self._hold_s + self._grace_s:
                 server.warm()  # whoever has not come back has given its slots up by now
+                return
+            if self._listed is not None:
+                listed = await self._listed()
+                now = self._clock.now()  # by now, those not listed had stopped
+                absent = absences(server.broker.waiting_for, listed, self._member.member_id,
+                                  absent, now)
+                for member, since in absent.items():
+                    if now - since >= self._grace_s:
+                        server.gone(member)
             await self._clock.sleep(FOLLOW_S)
 
     async def follow(self) -> None:

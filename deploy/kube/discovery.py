@@ -10,7 +10,7 @@ pool keeps the addresses it last had: no news is not bad news.
 
 Readiness is the endpoint's ``conditions.ready`` (absent means ready, per the API reference);
 the port is the slice port named ``http`` (or a given name), else the slice's first port.
-:func:`ready_addresses` is the pure part.
+:func:`ready_addresses` is the pure part; :func:`listed_pods` names the pods the slices list.
 """
 
 from __future__ import annotations
@@ -65,6 +65,19 @@ def ready_addresses(slices: Iterable[Mapping[str, Any]], port: str | int = "http
                 # The API reference: the addresses of one endpoint are fungible; use the first.
                 out.add(hostport(str(addresses[0]), number))
     return sorted(out)
+
+
+def listed_pods(slices: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The names of the Pods that ``slices`` list, in any condition (ready or not, terminating
+    or not): Kubernetes removes a pod's endpoint only once the Pod object is gone, so a pod
+    absent from its Service's slices no longer runs."""
+    out: set[str] = set()
+    for s in slices:
+        for endpoint in s.get("endpoints") or ():
+            ref = endpoint.get("targetRef") or {}
+            if ref.get("kind") == "Pod" and ref.get("name"):
+                out.add(str(ref["name"]))
+    return out
 
 
 class EndpointWatcher:

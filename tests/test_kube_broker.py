@@ -1,0 +1,95 @@
+"""The slot broker on the Lease holder, cold after a failover: it stops waiting for a member
+of the previous broker whose pod no longer exists (absent from the router pods' EndpointSlices
+for the grace time), and only trusts slices that list this pod itself. On a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import cast
+
+import pytest
+
+from deploy.kube.broker import MEMBERS_ANNOTATION, LeaseBroker, absences
+from deploy.kube.leader import LeaderElector
+from mlfe.clock import FakeClock
+from mlfe.supervise import Supervisor
+from router.slots import SlotMember
+
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
+
+
+def test_a_member_is_absent_from_when_a_list_that_names_this_pod_leaves_it_out() -> None:
+    waiting = {"a", "dead"}
+    since = absences(waiting, {"me", "a"}, "me", {}, now=10.0)
+    assert since == {"dead": 10.0}
+    # Still absent later: absent since the first time it was seen so.
+    assert absences(waiting, {"me", "a"}, "me", since, now=12.5) == {"dead": 10.0}
+    # A failed list knows nothing new: what was known stays known.
+    assert absences(waiting, None, "me", since, now=13.0) == {"dead": 10.0}
+    # Listed again (a new pod of the same name): no longer absent.
+    assert absences(waiting, {"me", "a", "dead"}, "me", since, now=14.0) == {}
+    # No longer waited for (it reported): forgotten.
+    assert absences({"a"}, None, "me", since, now=14.0) == {}
+
+
+def test_slices_that_do_not_list_this_pod_are_not_trusted() -> None:
+    """No Service of that name, another Service, or member ids that are not pod names: the
+    slices do not list this pod, so no one is known absent (the broker waits as before)."""
+    assert absences({"dead"}, set(), "me", {}, now=1.0) == {}
+    assert absences({"dead"}, {"someone-else"}, "me", {"dead": 0.0}, now=5.0) == {}
+
+
+class _Elector:
+    """What LeaseBroker reads and writes of a LeaderElector that has just taken the Lease."""
+
+    def __init__(self, annotations: Mapping[str, str]) -> None:
+        self.identity = "me_0123"
+        self.holder = self.identity
+        self.annotations = dict(annotations)
+        self.advertised: dict[str, str] = {}
+
+
+async def _cold_broker(pods: set[str]) -> tuple[LeaseBroker, FakeClock, Supervisor]:
+    clock = FakeClock()
+    supervisor = Supervisor(clock=clock)
+    member = SlotMember(dict, "", "me", supervisor)
+
+    async def listed() -> set[str]:
+        return set(pods)
+
+    elector = _Elector({MEMBERS_ANNOTATION: "a,dead"})
+    broker = LeaseBroker(cast(LeaderElector, elector), member, listen="127.0.0.1:0",
+                         grace_s=2.0, hold_s=30.0, supervisor=supervisor, clock=clock,
+                         listed=listed)
+    await broker.lead()
+    assert broker.server is not None and broker.server.broker.waiting_for == {"a", "dead"}
+    broker.server.broker.report("a", "s", 0, {"r": 2}, holding={})  # a came back
+    return broker, clock, supervisor
+
+
+async def test_a_member_whose_pod_is_gone_is_not_waited_for_past_the_grace_time() -> None:
+    broker, clock, supervisor = await _cold_broker({"me", "a"})
+    try:
+        assert broker.server is not None
+        await clock.advance_and_settle(1.5)
+        assert broker.server.broker.cold  # absent for less than the grace time
+        await clock.advance_and_settle(0.5)
+        assert not broker.server.broker.cold
+    finally:
+        await broker.close()
+        await supervisor.stop()
+
+
+@pytest.mark.parametrize("pods", [{"me", "a", "dead"}, {"a"}],
+                         ids=["still-listed", "slices-without-this-pod"])
+async def test_otherwise_the_wait_lasts_the_hold_time(pods: set[str]) -> None:
+    broker, clock, supervisor = await _cold_broker(pods)
+    try:
+        assert broker.server is not None
+        await clock.advance_and_settle(31.5)
+        assert broker.server.broker.cold
+        await clock.advance_and_settle(0.5)
+        assert not broker.server.broker.cold  # by now a live member gave its slots up
+    finally:
+        await broker.close()
+        await supervisor.stop()
