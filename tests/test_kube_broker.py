@@ -75,6 +75,7 @@ async def test_a_member_whose_pod_is_gone_is_not_waited_for_past_the_grace_time(
         assert broker.server.broker.cold  # absent for less than the grace time
         await clock.advance_and_settle(0.5)
         assert not broker.server.broker.cold
+        assert supervisor.failures == []  # the cold start's task ends as it may
     finally:
         await broker.close()
         await supervisor.stop()
@@ -90,6 +91,7 @@ async def test_otherwise_the_wait_lasts_the_hold_time(pods: set[str]) -> None:
         assert broker.server.broker.cold
         await clock.advance_and_settle(0.5)
         assert not broker.server.broker.cold  # by now a live member gave its slots up
+        assert supervisor.failures == []
     finally:
         await broker.close()
         await supervisor.stop()

@@ -143,7 +143,8 @@ class LeaseBroker:
                                                   name="slot broker members"))
         if expected:
             self._tasks.append(self._supervisor.spawn(self._end_cold_start(server),
-                                                      name="slot broker cold start"))
+                                                      name="slot broker cold start",
+                                                      finishable=True))
 
     async def _advertise_members(self, server: BrokerServer) -> None:
         while True:
