@@ -252,6 +252,9 @@ class BrokerServer:
                 **{f"inflight:{a}": int(n) for a, n in msg.get("inFlight", {}).items()}}
             self._reported.set()
             self._reported = asyncio.Event()
+            if member in self.broker.waiting_for and len(self.broker.waiting_for) == 1:
+                log.info("slot broker: lending (every member of the previous broker reported "
+                         "or no longer runs)")
             self._send(self.broker.report(
                 member, service, int(msg["demand"]),
                 {str(k): int(v) for k, v in msg["replicas"].items()},

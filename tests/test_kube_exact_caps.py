@@ -17,7 +17,7 @@ from aiohttp import web
 
 from tests.fake_kube_api import ep, fake_cluster
 from tests.support import post_many
-from tests.test_kube_shared_state import ADMIN, NS, SECRET, Pod, start_pods, until
+from tests.test_kube_shared_state import ADMIN, ADMIN_SERVICE, NS, SECRET, Pod, start_pods, until
 
 CAP = 4
 LEASE = "mlfe-autoscaler"
@@ -64,11 +64,12 @@ async def counting_replica(delay_s: float = 0.02,
 
 
 async def test_the_cap_holds_across_three_pods_and_a_leader_kill(tmp_path: Path) -> None:
-    async with fake_cluster(tmp_path) as fake, counting_replica() as (rep, rep_port):
+    async with fake_cluster(tmp_path, allow_loopback=True) as fake, \
+            counting_replica() as (rep, rep_port):
         fake.put_deployment("models", "iris", replicas=1)
         fake.put_secret(NS, SECRET, {"admin-token": ADMIN.encode()})
         pods = await start_pods(
-            tmp_path, fake, rep_port, 3,
+            tmp_path, fake, rep_port, 3, publish=True,
             router={"coordination": {"listen": "127.0.0.1:0", "grace_seconds": 1}},
             echo={"auth_enabled": False, "replica_max_concurrent_requests": CAP,
                   "max_request_wait_time": 20000})
@@ -102,6 +103,7 @@ async def test_the_cap_holds_across_three_pods_and_a_leader_kill(tmp_path: Path)
             await until("load on the followers", lambda: _true(rep.served > before + 50),
                         others, 30)
             assert await leader.stop(signal.SIGKILL) == -signal.SIGKILL
+            fake.delete_slice(NS, f"{ADMIN_SERVICE}-{leader.name}")  # its Pod is deleted
             pods.remove(leader)
 
             async def taken_over() -> bool:
