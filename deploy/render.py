@@ -436,8 +436,11 @@ def _scale_role(namespace: str, names: list[str], router_ns: str) -> list[Manife
 
 
 def router_objects(
-    cfg: MlfeConfig, opts: RenderOptions, config_text: str, extra: dict[str, str]
+    cfg: MlfeConfig, opts: RenderOptions, config_text: str, extra: dict[str, str],
+    pods: int = RENDERED_MIN_PODS,
 ) -> list[Manifest]:
+    """The router's objects; its Deployment starts with ``pods`` pods (the rendered
+    `self_scaling.min_pods`: the self-scaler never goes below it, so neither does the start)."""
     ns = opts.namespace
     docs = copy.deepcopy(load_static_manifests())
     for d in docs:
@@ -470,6 +473,7 @@ def router_objects(
 
     image = opts.router_image or default_router_image()
     deployment = _find(docs, "Deployment", ROUTER)
+    deployment["spec"]["replicas"] = pods
     template = deployment["spec"]["template"]
     pod = template["spec"]
     pod["terminationGracePeriodSeconds"] = math.ceil(
@@ -520,7 +524,8 @@ def render_kubernetes(cfg: MlfeConfig, base_dir: Path, opts: RenderOptions) -> l
         )
     config, extra = cluster_config(cfg, base_dir, opts.namespace)
     config_text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-    docs = router_objects(cfg, opts, config_text, extra)
+    docs = router_objects(cfg, opts, config_text, extra,
+                          pods=int(config["router"]["self_scaling"]["min_pods"]))
     if opts.monitor is not None:
         docs.extend(monitor_objects(opts.monitor, opts.namespace))
     for name in models:

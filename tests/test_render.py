@@ -494,6 +494,23 @@ def test_config_map_points_services_at_their_deployments(quickstart: list[Doc]) 
     assert (iris.autoscale_min_replicas, iris.autoscale_max_replicas) == (1, 4)
 
 
+@pytest.mark.parametrize(("scaling", "pods"), [
+    (None, 2), ({"min_pods": 1}, 1), ({"min_pods": 3, "max_pods": 6}, 3), ({"min_pods": 5, "max_pods": 5}, 5)])
+def test_the_router_deployment_starts_with_min_pods(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], scaling: dict[str, int] | None,
+        pods: int) -> None:
+    router: dict[str, Any] = {} if scaling is None else {"self_scaling": scaling}
+    config = write_config(tmp_path, {
+        "router": router,
+        "services": {"iris": {"kubernetes": {"namespace": "mlfe", "deployment": "iris"}}}})
+    code, docs, err = run_render(capsys, config)
+    assert code == 0, err
+    assert find(docs, "Deployment", "mlfe-router")["spec"]["replicas"] == pods
+    rendered = parse_config(yaml.safe_load(
+        find(docs, "ConfigMap", "mlfe-config")["data"]["config.yaml"])).router.self_scaling
+    assert rendered.min_pods == pods and rendered.max_pods >= pods
+
+
 def test_config_map_never_holds_keys_and_a_config_change_rolls_the_pods(
     gpu: list[Doc], quickstart: list[Doc]
 ) -> None:
