@@ -277,6 +277,20 @@ async def serve(cfg: MlfeConfig, base_dir: Path, friendly: bool = False,
     return life.exit_code
 
 
+def one_process_per_pod(cfg: MlfeConfig) -> MlfeConfig:
+    """With `kubernetes:` services, one router process per pod: worker processes would share
+    replicas through their supervisor's own broker, so the per-replica caps would hold per pod,
+    not across the pods (the Lease holder's broker). The router scales by pods instead."""
+    if not uses_kubernetes(cfg) or not supervisor_mode(cfg):
+        return cfg
+    log.warning("router.workers and self_scaling.max_workers are 1 with kubernetes services: "
+                "one router process per pod, so that the per-replica caps hold across the "
+                "pods; the router scales by pods (self_scaling.max_pods)")
+    scaling = cfg.router.self_scaling.model_copy(update={"max_workers": 1})
+    return cfg.model_copy(update={"router": cfg.router.model_copy(
+        update={"workers": 1, "self_scaling": scaling})})
+
+
 def run(config_path: str | Path | None, log_level: str = "INFO", friendly: bool = False,
         router_overrides: Mapping[str, str] | None = None) -> int:
     """Serve ``config_path``; with None (`mlfe up` alone), the bundled example from the package
@@ -298,6 +312,7 @@ def run(config_path: str | Path | None, log_level: str = "INFO", friendly: bool 
     if inert:  # accepted (azureml's deploy configuration), but nothing here acts on them
         log.warning("accepted, without effect in this run: %s (README: Coming from Azure ML)",
                     ", ".join(inert))
+    cfg = one_process_per_pod(cfg)
     if router_overrides:
         if supervisor_mode(cfg):  # worker processes read the file itself
             print("mlfe: --listen, --admin-listen and --metrics-listen cannot be used with "

@@ -133,3 +133,37 @@ async def test_router_scales_its_own_deployment_out_under_load(tmp_path: Path) -
             code = await asyncio.to_thread(router.wait_exit)
             rep.stop()
             assert code == 0, router.log()[-3000:]
+
+
+async def test_a_router_pod_runs_one_process_and_joins_the_lease_holders_broker(
+        tmp_path: Path) -> None:
+    """`router.workers` > 1 with a kubernetes service: one process per pod (a warning says why),
+    so the pod's slot member joins the Lease holder's broker and caps hold across pods."""
+    async with fake_cluster(tmp_path) as fake:
+        fake.put_deployment("models", "iris", replicas=1)
+        fake.put_secret("mlfe", "mlfe-keys", {})
+        port, admin_port = free_port(), free_port()
+        cfg = {
+            "router": {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}",
+                       "state_dir": str(tmp_path / "state"), "workers": 2,
+                       "self_scaling": {"max_workers": 4},
+                       "coordination": {"listen": "127.0.0.1:0"}},
+            "services": {"iris": {"kubernetes": {"namespace": "models", "deployment": "iris"}}},
+        }
+        path = tmp_path / "k8s.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        router = spawn(["serve", "--config", str(path)], tmp_path / "router.log", port,
+                       {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
+                        "POD_NAME": "mlfe-router-0"})
+        try:
+            async def broker_advertised() -> bool:
+                lease = fake.lease("mlfe", "mlfe-autoscaler") or {}
+                annotations = (lease.get("metadata") or {}).get("annotations") or {}
+                return annotations.get("mlfe.io/slot-broker", "").startswith("mlfe-router-0_")
+
+            await poll("the pod's broker in the Lease", broker_advertised, router)
+            assert "one router process per pod" in router.log()
+        finally:
+            router.signal()
+            code = await asyncio.to_thread(router.wait_exit)
+            assert code == 0, router.log()[-3000:]
