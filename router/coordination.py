@@ -20,6 +20,9 @@ its demand (busy + queued) every few tens of milliseconds. The broker moves slot
   layer knows, e.g. its pod no longer exists), or the I/O layer calls `warm` (after the time
   within which a member that lost its broker gives its slots up), nothing is granted: members
   keep admitting with the slots they hold, and the sum stays under every cap.
+* A broker whose successor learns its members from a record (the Lease) lends only to members
+  recorded there (`lend_to`), so that every member it lent to is one the next broker waits for.
+  Until recorded, a member may report and keep what it holds; it gets nothing new.
 
 Everything here is a function of the calls made; no clock, no I/O.
 """
@@ -81,9 +84,20 @@ def shares(total: int, weights: Mapping[str, int], turn: int = 0) -> dict[str, i
 
 
 class SlotBroker:
-    def __init__(self, expected: Iterable[str] = ()) -> None:
+    def __init__(self, expected: Iterable[str] = (), *, recorded_only: bool = False) -> None:
         self._services: dict[str, _Service] = {}
         self._waiting_for: set[str] = set(expected)  # cold until these have reported
+        # None: lend to every member; else only to these (`lend_to`).
+        self._lend_to: set[str] | None = set() if recorded_only else None
+
+    def may_lend(self, member: str) -> bool:
+        return self._lend_to is None or member in self._lend_to
+
+    def lend_to(self, members: Iterable[str]) -> list[SetSlots]:
+        """The members recorded where the next broker will read them: only these get slots
+        from now on (with ``recorded_only``). Returns the changes to send."""
+        self._lend_to = set(members)
+        return self._rebalance_all()
 
     @property
     def cold(self) -> bool:
@@ -224,7 +238,8 @@ class SlotBroker:
             svc.replicas.pop(addr, None)
 
     def _rebalance(self, service: str, svc: _Service) -> list[SetSlots]:
-        members = sorted(svc.demand)
+        # A member not lent to (not recorded yet) keeps what it holds, outside the shares.
+        members = sorted(m for m in svc.demand if self.may_lend(m))
         if not members or not svc.replicas:
             return []
         total = sum(r.cap for r in svc.replicas.values())

@@ -8,7 +8,8 @@ JSON lines over a stream (a unix socket between worker processes, TCP between po
                        "replicas": {addr: cap}, "holding": {addr: slots} (after (re)connect)}
                       {"op": "released", "service": s, "replica": addr, "slots": n}
                       {"op": "reloaded", "seq": n, "ok": bool}   (answer to a reload)
-    broker -> member  {"op": "set", "service": s, "replica": addr, "slots": n}
+    broker -> member  {"op": "lending"}   (this broker may lend to the member from now on)
+                      {"op": "set", "service": s, "replica": addr, "slots": n}
                       {"op": "replicas", "service": s, "addrs": [...]}   (supervisor's replicas)
                       {"op": "reload", "seq": n}     (keys or endpoints changed in the state dir)
 
@@ -88,8 +89,11 @@ class ReloadUnconfirmed(Exception):
 class BrokerServer:
     """Owns the slots of every replica; members connect, report and receive grants."""
 
-    def __init__(self, grace_s: float = DEFAULT_GRACE_S, expected: Iterable[str] = ()) -> None:
-        self.broker = SlotBroker(expected)
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S, expected: Iterable[str] = (), *,
+                 recorded_only: bool = False) -> None:
+        # recorded_only: lend only to the members given to `lend_to` (SlotBroker).
+        self.broker = SlotBroker(expected, recorded_only=recorded_only)
+        self._lending: set[str] = set()  # connected members told "lending"
         self.grace_s = grace_s
         self._writers: dict[str, asyncio.StreamWriter] = {}
         self._leaving: dict[str, asyncio.TimerHandle] = {}
@@ -128,8 +132,26 @@ class BrokerServer:
         return int(sockets[0].getsockname()[1])
 
     def members(self) -> list[str]:
-        """The members connected now (a new broker waits for these: SlotBroker's cold start)."""
+        """The members connected now."""
         return sorted(self._writers)
+
+    def holders(self) -> list[str]:
+        """Every member that may hold slots of this broker or of the one before: connected,
+        departed within the grace time, or still waited for (a next broker waits for these:
+        SlotBroker's cold start)."""
+        return sorted({*self._writers, *self._leaving, *self.broker.waiting_for})
+
+    def lend_to(self, members: Iterable[str]) -> None:
+        """Lend only to ``members`` from now on (they are recorded for the next broker)."""
+        out = self.broker.lend_to(members)
+        self._tell_lending()
+        self._send(out)
+
+    def _tell_lending(self) -> None:
+        for member, w in self._writers.items():
+            if member not in self._lending and self.broker.may_lend(member):
+                self._lending.add(member)
+                w.write(_line({"op": "lending"}))
 
     def warm(self) -> None:
         """End a cold start (see router/coordination.py)."""
@@ -228,9 +250,11 @@ class BrokerServer:
             # A new connection (maybe a restarted process) has confirmed nothing yet.
             self._confirmed.pop(member, None)
             self._refused.pop(member, None)
+            self._lending.discard(member)
             for service, addrs in self._replicas.items():
                 writer.write(_line({"op": "replicas", "service": service, "addrs": addrs}))
             writer.write(_line({"op": "reload", "seq": self._reload_seq}))
+            self._tell_lending()
             async for raw in reader:
                 self._handle(member, orjson.loads(raw))
         except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as e:
@@ -238,6 +262,7 @@ class BrokerServer:
         finally:
             if member is not None and self._writers.get(member) is writer:
                 del self._writers[member]
+                self._lending.discard(member)
                 loop = asyncio.get_running_loop()
                 self._leaving[member] = loop.call_later(self.grace_s, self._leave, member)
                 self._wake_reload_waiters()  # a reload no longer waits for this one
@@ -315,7 +340,8 @@ class SlotMember:
         self._last: dict[str, object] = {}
         self._lowered: dict[tuple[str, str], int] = {}  # (service, addr) -> slots to fit under
         self.connected = asyncio.Event()
-        self.joined = False  # has joined a broker once (before that it holds no slots)
+        # A broker has said it lends to this router, once (before that it holds no slots).
+        self.joined = False
         # Set once the broker's first "reload" (sent after hello) is applied: the state dir and
         # replica sets are the supervisor's current ones.
         self.synced = asyncio.Event()
@@ -380,7 +406,6 @@ class SlotMember:
             writer.write(_line({"op": "hello", "member": self.member_id}))
             self._report(with_holding=True)
             self.connected.set()
-            self.joined = True
             reporter = self._supervisor.spawn(self._report_loop(), name="slot reports")
             try:
                 async for raw in reader:
@@ -465,6 +490,8 @@ class SlotMember:
             else:
                 self._lowered[(svc.name, addr)] = slots
                 self.replica_released(svc, replica)  # at once if it already fits
+        elif op == "lending":
+            self.joined = True
         elif op == "replicas" and self._on_replicas is not None:
             self._on_replicas(msg["service"], [str(a) for a in msg["addrs"]])
         elif op == "reload":

@@ -218,3 +218,18 @@ def test_a_member_restarted_in_place_ends_the_wait_by_reporting_nothing_held() -
     assert not broker.cold
     assert ("a", 2) in [(m.member, m.slots) for m in out]
     assert _held(broker, "s", "r") == 4
+
+
+def test_a_broker_that_lends_to_recorded_members_only() -> None:
+    """A member not yet recorded for the next broker (the Lease) gets nothing new; once
+    recorded, its share. What it held already stays counted."""
+    broker = SlotBroker(recorded_only=True)
+    assert broker.report("a", "s", 2, {"r": 4}) == []
+    assert broker.report("b", "s", 2, {"r": 4}, holding={"r": 1}) == []
+    assert _held(broker, "s", "r") == 1  # b's, adopted
+    out = broker.lend_to(["a"])
+    assert [(m.member, m.slots) for m in out] == [("a", 3)]  # all that is free; b keeps its 1
+    out = broker.lend_to(["a", "b"])
+    assert ("a", 2) in [(m.member, m.slots) for m in out]  # taken back toward b's share
+    assert _held(broker, "s", "r") <= 4
+    assert SlotBroker().may_lend("anyone")  # without a record: everyone

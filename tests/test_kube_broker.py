@@ -95,3 +95,23 @@ async def test_otherwise_the_wait_lasts_the_hold_time(pods: set[str]) -> None:
     finally:
         await broker.close()
         await supervisor.stop()
+
+
+async def test_the_broker_records_every_holder_and_lends_only_to_those_recorded() -> None:
+    broker, clock, supervisor = await _cold_broker({"me", "a", "dead"})
+    elector = cast(_Elector, broker._elector)
+    try:
+        assert broker.server is not None
+        await clock.advance_and_settle(0)
+        # Still waited for, though not connected: the next holder must wait for it too. (a
+        # reported without a connection here: not a holder.)
+        assert elector.advertised[MEMBERS_ANNOTATION] == "dead"
+        # The Lease as last written (the takeover) lists the previous members: lent to.
+        assert broker.server.broker.may_lend("a")
+        assert not broker.server.broker.may_lend("new")
+        elector.annotations[MEMBERS_ANNOTATION] = "a,dead,new"  # a renewal wrote it
+        await clock.advance_and_settle(0.5)
+        assert broker.server.broker.may_lend("new")
+    finally:
+        await broker.close()
+        await supervisor.stop()

@@ -112,10 +112,18 @@ async def test_router_scales_its_own_deployment_out_under_load(tmp_path: Path) -
                        {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
                         "POD_NAME": "mlfe-router-0"})
         try:
-            async def leading() -> bool:
-                return fake.lease("mlfe", "mlfe-autoscaler") is not None
+            async def leading_and_ready() -> bool:
+                # Ready once its broker lends to it (after the Lease records it as a member).
+                if fake.lease("mlfe", "mlfe-autoscaler") is None:
+                    return False
+                async with httpx.AsyncClient(timeout=5) as c:
+                    try:
+                        r = await c.get(f"http://127.0.0.1:{port}/-/ready")
+                    except httpx.TransportError:
+                        return False
+                return r.status_code == 200
 
-            await poll("the Lease taken", leading, router)
+            await poll("the Lease taken and the pod ready", leading_and_ready, router)
 
             async def scaled_out() -> bool:
                 if fake.deployment("mlfe", "mlfe-router")["spec"]["replicas"] == 2:

@@ -4,7 +4,8 @@ The pod that holds the Lease runs the slot broker (router/slots.py) and advertis
 Lease's annotations (``mlfe.io/slot-broker``: its identity and address); every pod, the holder
 included, joins the broker the Lease names, so nothing is configured. The holder also lists
 the broker's members (``mlfe.io/slot-members``), so that the next holder's broker knows whose
-slots may still be out there:
+slots may still be out there; it lends only to members the Lease lists as written (a member
+that joins gets slots after the next renewal, within 2.5 s):
 
 - a new broker starts cold (router/coordination.py): it lends nothing until each member of the
   previous broker has reported what it holds (a live pod finds the new broker within a second;
@@ -129,7 +130,7 @@ class LeaseBroker:
         """This pod now holds the Lease: run the broker, cold if another ran one before."""
         previous = self._elector.annotations.get(MEMBERS_ANNOTATION, "")
         expected = {m for m in previous.split(",") if m}
-        server = BrokerServer(self._grace_s, expected=expected)
+        server = BrokerServer(self._grace_s, expected=expected, recorded_only=True)
         await server.start(self._listen)
         self.server = server
         address = advertised_address(self._listen, server.port)
@@ -147,8 +148,15 @@ class LeaseBroker:
                                                       finishable=True))
 
     async def _advertise_members(self, server: BrokerServer) -> None:
+        recorded: str | None = None
         while True:
-            self._elector.advertised[MEMBERS_ANNOTATION] = ",".join(server.members())
+            # Written at the next renewal; lent to once written (the Lease as last written).
+            self._elector.advertised[MEMBERS_ANNOTATION] = ",".join(server.holders())
+            if self._elector.holder == self._elector.identity:
+                written = self._elector.annotations.get(MEMBERS_ANNOTATION, "")
+                if written != recorded:
+                    recorded = written
+                    server.lend_to(m for m in written.split(",") if m)
             await self._clock.sleep(FOLLOW_S)
 
     async def _end_cold_start(self, server: BrokerServer) -> None:
