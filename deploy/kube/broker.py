@@ -4,11 +4,12 @@ The pod that holds the Lease runs the slot broker (router/slots.py) and advertis
 Lease's annotations (``mlfe.io/slot-broker``: its identity and address); every pod, the holder
 included, joins the broker the Lease names, so nothing is configured. The holder also lists
 the broker's members (``mlfe.io/slot-members``), so that the next holder's broker knows whose
-slots may still be out there; it lends only to members the Lease lists as written (a member
-that joins gets slots after the next renewal, within 2.5 s):
+slots may still be out there (every member that may hold slots: connected, departing, or
+still waited for); it lends only to members the Lease lists as written (a member that joins
+gets slots after the next renewal, within about 2.5 s):
 
 - a new broker starts cold (router/coordination.py): it lends nothing until each member of the
-  previous broker has reported what it holds (a live pod finds the new broker within a second;
+  previous broker has reported what it holds (a live pod finds the new broker within ~4.5 s;
   a container restarted in place has the same member id, the pod's name, and reports holding
   nothing), or is gone, or until ``hold_s + grace_s`` has passed. A member is gone when its pod
   has been absent from the router Service's EndpointSlices for ``grace_s`` (Kubernetes removes
