@@ -471,6 +471,10 @@ class SlotMember:
     def _apply(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "set":
+            if int(msg["slots"]) > 0:
+                # A grant is lending too: a broker of an earlier version never says "lending"
+                # (a pod it leads must still become ready, or a rolling update would stall).
+                self.joined = True
             svc = self._services().get(msg["service"])
             if svc is None:
                 return

@@ -1,12 +1,15 @@
 """The slot broker on the Lease holder, cold after a failover: it stops waiting for a member
 of the previous broker whose pod no longer exists (absent from the router pods' EndpointSlices
-for the grace time), and only trusts slices that list this pod itself. On a fake clock."""
+for the grace time), and only trusts slices that list this pod itself. On a fake clock; and a
+member against a broker of an earlier version, over a real socket."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import cast
 
+import orjson
 import pytest
 
 from deploy.kube.broker import MEMBERS_ANNOTATION, LeaseBroker, absences
@@ -115,3 +118,35 @@ async def test_the_broker_records_every_holder_and_lends_only_to_those_recorded(
     finally:
         await broker.close()
         await supervisor.stop()
+
+
+async def test_a_grant_from_a_broker_of_an_earlier_version_makes_the_member_ready() -> None:
+    """A broker from before the "lending" message (a rolling update: the Lease holder still runs
+    the old version) only ever sends grants; a pod it lends slots to must become ready, or the
+    update would wait for it forever. The old broker is a small socket server speaking its
+    protocol: on hello, a grant, then a reload whose answer shows the grant was applied."""
+    applied = asyncio.Event()
+
+    async def old_broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert orjson.loads(await reader.readline()) == {"op": "hello", "member": "me"}
+        writer.write(b'{"op":"set","service":"s","replica":"127.0.0.1:9","slots":1}\n')
+        writer.write(b'{"op":"reload","seq":1}\n')  # answered after the set (in order)
+        async for line in reader:
+            if orjson.loads(line) == {"op": "reloaded", "seq": 1, "ok": True}:
+                applied.set()
+        writer.close()
+
+    server = await asyncio.start_server(old_broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    supervisor = Supervisor()
+    member = SlotMember(dict, f"127.0.0.1:{port}", "me", supervisor)
+    supervisor.spawn(member.run(), name="slot member")
+    try:
+        assert not member.joined
+        async with asyncio.timeout(5):
+            await applied.wait()
+        assert member.joined
+    finally:
+        await supervisor.stop()
+        server.close()
+        await server.wait_closed()
