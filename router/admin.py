@@ -238,7 +238,7 @@ class AdminApi:
         return exposition(self._router.metrics)
 
     async def jwks(self, request: web.Request) -> web.Response:
-        return json_response(self._router.authority.jwks())
+        return json_response(self._router.jwks())
 
     def _version_or_404(self, request: web.Request) -> tuple[str, str]:
         name = self._owner_or_404(request)

@@ -17,6 +17,9 @@ import orjson
 from mlfe.config import ConfigError
 
 KEYS_FILE = "keys.json"
+# The token signing key (router/tokens.py) and the public keys it replaced.
+SIGNING_KEY_FILE = "signing-key.pem"
+PREVIOUS_KEYS_FILE = "signing-key.previous.jwks"
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -25,7 +25,7 @@ from router.accesslog import AccessLog
 from router.auth import Credentials, KeyAuth, NoAuth
 from router.datacollect import DataCollector
 from router.http_server import HttpServerProtocol, Limits
-from router.keystore import KEYS_FILE, KeyStore
+from router.keystore import KEYS_FILE, PREVIOUS_KEYS_FILE, SIGNING_KEY_FILE, KeyStore
 from router.metrics import (
     RouterCollector,
     ServiceMetrics,
@@ -37,10 +37,20 @@ from router.routing import build_routes
 from router.services import Endpoint, Service, ServiceLinks
 from router.slots import BrokerServer, SlotMember
 from router.state import ENDPOINTS_FILE, DirStateStore, StateStore
-from router.tls import TlsReloader
-from router.tokens import ExternalJwks, SigningKeys, TokenAuth, TokenAuthority, TokenVerifier
+
+if TYPE_CHECKING:
+    # Imported where used: both load cryptography (~8 MiB of an idle router's memory), which a
+    # router without TLS and token auth never needs.
+    from router.tls import TlsReloader
+    from router.tokens import TokenAuthority, TokenVerifier
 
 log = logging.getLogger(__name__)
+
+
+def uses_tokens(cfg: MlfeConfig) -> bool:
+    """Whether any service or endpoint takes tokens, or external issuers are configured."""
+    owners: list[AuthSettings] = [*cfg.services.values(), *cfg.endpoints.values()]
+    return bool(cfg.router.token_issuers) or any(o.token_auth_enabled for o in owners)
 
 
 def limits_from(cfg: MlfeConfig) -> Limits:
@@ -151,17 +161,17 @@ class Router:
         )
         if ready_check is not None:
             self.handler.ready_check = ready_check
+        # The state dir exists from the start: keys, endpoint changes, the workers' broker
+        # socket and (with tokens) the signing key live there.
+        cfg.router.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.keys = KeyStore(cfg.router.state_dir)
-        self.authority = TokenAuthority(
-            SigningKeys(cfg.router.state_dir), lifetime_s=cfg.router.token_lifetime_s
-        )
-        try:
-            issuers = [ExternalJwks.from_config(i) for i in cfg.router.token_issuers]
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"router.token_issuers: {e}") from None
-        self.tokens = TokenVerifier(self.authority, issuers, leeway_s=cfg.router.token_leeway_s)
+        self._tokens: tuple[TokenAuthority, TokenVerifier] | None = None
+        if uses_tokens(cfg):
+            self._token_parts()  # the signing key and the issuers' keys: errors at start
         self.tls: TlsReloader | None = None
         if cfg.router.tls is not None:
+            from router.tls import TlsReloader
+
             try:
                 self.tls = TlsReloader(cfg.router.tls.cert_file, cfg.router.tls.key_file)
             except ValueError as e:
@@ -232,8 +242,44 @@ class Router:
         return {name: {**self.counts(name).to_json(), **self._scaling(name)}
                 for name in self.services}
 
+    def _token_parts(self) -> tuple[TokenAuthority, TokenVerifier]:
+        """The token issuer and verifier, built on first use (at start when the config uses
+        tokens; else only for a JWKS request that finds a signing key in the state dir)."""
+        if self._tokens is None:
+            from router.tokens import ExternalJwks, SigningKeys, TokenAuthority, TokenVerifier
+
+            r = self.cfg.router
+            authority = TokenAuthority(SigningKeys(r.state_dir), lifetime_s=r.token_lifetime_s)
+            try:
+                issuers = [ExternalJwks.from_config(i) for i in r.token_issuers]
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"router.token_issuers: {e}") from None
+            self._tokens = (authority,
+                            TokenVerifier(authority, issuers, leeway_s=r.token_leeway_s))
+        return self._tokens
+
+    @property
+    def authority(self) -> TokenAuthority:
+        return self._token_parts()[0]
+
+    @property
+    def tokens(self) -> TokenVerifier:
+        return self._token_parts()[1]
+
+    def jwks(self) -> dict[str, Any]:
+        """The public keys of this router's tokens. A router that uses no tokens and has no
+        signing key has signed nothing: an empty set, without making a key (or loading
+        cryptography) for it."""
+        state_dir = self.cfg.router.state_dir
+        if self._tokens is None and not any(
+                (state_dir / f).exists() for f in (SIGNING_KEY_FILE, PREVIOUS_KEYS_FILE)):
+            return {"keys": []}
+        return self.authority.jwks()
+
     def _auth_for(self, name: str, owner: AuthSettings) -> Credentials:
         if owner.token_auth_enabled:
+            from router.tokens import TokenAuth
+
             return TokenAuth(self.tokens, name)
         if not owner.auth_enabled:
             return NoAuth()
@@ -272,7 +318,10 @@ class Router:
         take them."""
         state_dir = self.cfg.router.state_dir
         self.keys = KeyStore(state_dir)
-        self.authority.keys = SigningKeys(state_dir)
+        if self._tokens is not None:
+            from router.tokens import SigningKeys
+
+            self._tokens[0].keys = SigningKeys(state_dir)
         self.apply(with_persisted_endpoints(self.cfg))
 
     async def regenerate_key(self, name: str, key_type: str) -> tuple[str, str]:
@@ -371,7 +420,8 @@ class Router:
     async def start(self, listen: bool = True) -> None:
         """Build the services; listen on the scoring port unless worker processes do."""
         self.collector.start()
-        await self.tokens.refresh_all()
+        if self._tokens is not None:
+            await self._tokens[1].refresh_all()
         self.apply(self.cfg)
         if self.member is not None:
             self._tasks.append(self._supervisor.spawn(self.member.run(), name="slot member"))
@@ -445,7 +495,8 @@ class Router:
         self._tasks.clear()
         for svc in self.services.values():
             svc.close()
-        await self.tokens.aclose()
+        if self._tokens is not None:
+            await self._tokens[1].aclose()
         await self.collector.stop()  # every queued record is written
         self.handler.access_log.flush()
         # Bounded: a stalled stdout must not hold up the shutdown.

@@ -19,8 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from router.keystore import KEYS_FILE, atomic_write
-from router.tokens import PREVIOUS_KEYS_FILE, SIGNING_KEY_FILE
+from router.keystore import KEYS_FILE, PREVIOUS_KEYS_FILE, SIGNING_KEY_FILE, atomic_write
 
 ENDPOINTS_FILE = "endpoints.json"
 # Every file of the shared state (the admin token is not one: it comes from the environment).

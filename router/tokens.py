@@ -70,12 +70,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mlfe.config import TokenIssuer
 from mlfe.redact import redact_url, redact_urls_in
-from router.keystore import atomic_write
+from router.keystore import PREVIOUS_KEYS_FILE, SIGNING_KEY_FILE, atomic_write
 
 log = logging.getLogger(__name__)
 
-SIGNING_KEY_FILE = "signing-key.pem"
-PREVIOUS_KEYS_FILE = "signing-key.previous.jwks"
 ALGORITHM = "ES256"
 DEFAULT_ISSUER = "mlfe"
 DEFAULT_LIFETIME_S = 3600

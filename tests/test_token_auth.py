@@ -152,3 +152,36 @@ def test_external_issuer_token_verifies_from_loopback_jwks(setup: dict[str, Any]
                                   serialization.NoEncryption())
     bad_sig = jwt.encode(claims, pem, algorithm="RS256", headers={"kid": setup["kid"]})
     assert score(setup, bad_sig) == 401
+
+
+def _loads_cryptography(p: Proc) -> bool:
+    """Whether the process has mapped cryptography's compiled library (it was imported)."""
+    maps = Path(f"/proc/{p.proc.pid}/maps").read_text()
+    return any("/cryptography/" in line for line in maps.splitlines())
+
+
+def test_a_router_without_tokens_or_tls_never_loads_cryptography(
+        tmp_path: Path, setup: dict[str, Any]) -> None:
+    """cryptography is ~8 MiB of an idle router: loaded only when tokens (or TLS) are used.
+    Without them there is no signing key, and the JWKS is empty (nothing was ever signed);
+    with them the key is made at start."""
+    rep = start_replica(tmp_path, EXAMPLES / "echo" / "score.py", name="replica2")
+    admin_port = free_port()
+    plain = start_router(tmp_path, {
+        "router": {"admin_listen": f"127.0.0.1:{admin_port}"},
+        "services": {"keyed": {"upstreams": [f"127.0.0.1:{rep.port}"], "auth_enabled": False}},
+    }, env={"MLFE_ADMIN_TOKEN": ADMIN}, name="plain")
+    try:
+        r = httpx.post(f"{plain.url}/api/v1/service/keyed/score", json={})
+        assert r.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{admin_port}/v1/jwks.json").json() == {"keys": []}
+        assert not (plain.extra["state_dir"] / "signing-key.pem").exists()
+        assert not _loads_cryptography(plain)
+    finally:
+        plain.stop()
+        rep.stop()
+    router = setup["router"]  # token auth on: the key exists from the start
+    assert (router.extra["state_dir"] / "signing-key.pem").exists()
+    assert _loads_cryptography(router)
+    keys = httpx.get(f"{setup['admin']}/v1/jwks.json").json()["keys"]
+    assert [k["alg"] for k in keys] == ["ES256"]
