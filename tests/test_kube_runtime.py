@@ -11,10 +11,19 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.fake_kube_api import ep, fake_cluster
+from tests.fake_kube_api import FakeKubeApi, ep, fake_cluster
 from tests.support import Proc, free_port, spawn
 
 ADMIN = "admin-token-for-tests"
+
+
+def start_pod(tmp_path: Path, fake: FakeKubeApi, cfg: dict[str, Any], port: int) -> Proc:
+    """`mlfe serve` with `cfg` as router pod mlfe-router-0 of the fake cluster."""
+    path = tmp_path / "k8s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return spawn(["serve", "--config", str(path)], tmp_path / "router.log", port,
+                 {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
+                  "POD_NAME": "mlfe-router-0"})
 
 
 async def poll(what: str, condition: Any, router: Proc, within_s: float = 30.0) -> None:
@@ -43,11 +52,7 @@ async def test_serve_follows_endpoint_slices_and_scales_through_the_subresource(
                 "autoscale_refresh_seconds": 0.2, "autoscale_scale_down_window_seconds": 1,
             }},
         }
-        path = tmp_path / "k8s.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        router = spawn(["serve", "--config", str(path)], tmp_path / "router.log", port,
-                       {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
-                        "POD_NAME": "mlfe-router-0"})
+        router = start_pod(tmp_path, fake, cfg, port)
         try:
             async with httpx.AsyncClient(timeout=5) as c:
                 async def replicas() -> int | None:
@@ -106,11 +111,7 @@ async def test_router_scales_its_own_deployment_out_under_load(tmp_path: Path) -
                 "echo": {"upstreams": [f"127.0.0.1:{rep.port}"], "auth_enabled": False},
             },
         }
-        path = tmp_path / "k8s.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        router = spawn(["serve", "--config", str(path)], tmp_path / "router.log", port,
-                       {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
-                        "POD_NAME": "mlfe-router-0"})
+        router = start_pod(tmp_path, fake, cfg, port)
         try:
             async def leading_and_ready() -> bool:
                 # Ready once its broker lends to it (after the Lease records it as a member).
@@ -158,11 +159,7 @@ async def test_a_router_pod_runs_one_process_and_joins_the_lease_holders_broker(
                        "coordination": {"listen": "127.0.0.1:0"}},
             "services": {"iris": {"kubernetes": {"namespace": "models", "deployment": "iris"}}},
         }
-        path = tmp_path / "k8s.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        router = spawn(["serve", "--config", str(path)], tmp_path / "router.log", port,
-                       {"MLFE_ADMIN_TOKEN": ADMIN, "KUBECONFIG": str(fake.kubeconfig()),
-                        "POD_NAME": "mlfe-router-0"})
+        router = start_pod(tmp_path, fake, cfg, port)
         try:
             async def broker_advertised() -> bool:
                 lease = fake.lease("mlfe", "mlfe-autoscaler") or {}
